@@ -1,0 +1,126 @@
+"""The job spec: the contract between the API and the worker.
+
+Validated whole, up front; unknown fields are rejected. Model and method names are
+resolved through whitelists (never import paths).
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+Method = Literal["dp_finetune", "dpkd", "dpimp_structured", "dpimp_unstructured", "distildp"]
+METHODS: tuple[str, ...] = Method.__args__  # type: ignore[attr-defined]
+
+MODEL_BASE_PATTERN = re.compile(
+    r"^(bundled:(minilm-l6|smollm2-135m)|tiny:(bert|llama)|job:job_[A-Za-z0-9]+|"
+    r"[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?)$"
+)
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=False)
+
+
+class ModelSpec(_Strict):
+    base: str = Field("bundled:minilm-l6", description="bundled:minilm-l6, bundled:smollm2-135m, "
+                      "tiny:bert, tiny:llama, job:<id>, or a Hugging Face id in the local cache")
+    pooling: Literal["mean", "cls"] = Field(
+        "mean", description="sentence pooling of the classification head (mean pooling is what "
+        "all-MiniLM was trained with and what makes DP fine-tuning learn)")
+
+    @field_validator("base")
+    @classmethod
+    def _known_base(cls, v: str) -> str:
+        if not MODEL_BASE_PATTERN.match(v):
+            raise ValueError("unknown model; use bundled:minilm-l6, bundled:smollm2-135m, "
+                             "tiny:bert, tiny:llama, job:<id> or a cached Hugging Face id")
+        return v
+
+
+class PrivacySpec(_Strict):
+    epsilon: float = Field(..., gt=0, le=100, description="target ε of the whole job")
+    delta: float | None = Field(None, gt=0, lt=1, description="δ; default 1/(10·N), must be < 1/N")
+    max_grad_norm: float = Field(1.0, gt=0, description="per-example clipping norm C")
+    accountant: Literal["prv", "rdp"] = "prv"
+    phase_split: float | None = Field(
+        None, gt=0, lt=1, description="share of ε given to the first private phase "
+        "(teacher) in two-phase methods; the rest to the second")
+
+
+class CompressionSpec(_Strict):
+    target_sparsity: float = Field(0.5, ge=0, lt=1, description="fraction of weights (unstructured) "
+                                   "or of prunable parameters (structured) removed")
+    student_layers: int = Field(3, ge=1, le=64)
+    prune_schedule: Literal["cubic", "stepwise"] = "cubic"
+    prune_rounds: int = Field(5, ge=1, le=100)
+    structures: list[Literal["heads", "ffn", "layers"]] = Field(
+        default_factory=lambda: ["ffn", "layers"],
+        description="what dpimp_structured may remove")
+
+
+class TrainingSpec(_Strict):
+    epochs: float = Field(3, gt=0, le=100)
+    batch_size: int = Field(256, ge=1, le=65536, description="expected logical batch (q = batch/N)")
+    learning_rate: float = Field(5e-5, gt=0, lt=10)
+    head_learning_rate: float | None = Field(
+        None, gt=0, lt=10, description="learning rate of the task head (default: 400× lr, "
+        "capped at 5e-2; DP heads need a much larger step than the body)")
+    max_seq_length: int = Field(128, ge=8, le=2048)
+    physical_batch_size: int = Field(32, ge=1, le=4096)
+    seed: int = Field(0, ge=0)
+    train_body: bool = Field(True, description="False trains only the head (and embeddings per "
+                             "embedding.mode)")
+
+
+class DistillSpec(_Strict):
+    alpha: float = Field(0.5, ge=0, le=1, description="weight of the KL term")
+    temperature: float = Field(2.0, gt=0, le=100)
+
+
+class SyntheticSpec(_Strict):
+    num_samples: int = Field(2000, ge=1, le=1_000_000)
+    max_new_tokens: int = Field(64, ge=1, le=1024)
+
+
+class EmbeddingSpec(_Strict):
+    mode: Literal["dense", "frozen", "fest", "adafest"] = "dense"
+    fest_top_k: int | None = Field(None, ge=1)
+    adafest_threshold: float | None = Field(None, ge=0)
+    adafest_noise_ratio: float | None = Field(None, gt=0)
+
+
+class JobSpec(_Strict):
+    method: Method
+    dataset_id: str = Field(..., pattern=r"^ds_[A-Za-z0-9]+$")
+    eval_dataset_id: str | None = Field(None, pattern=r"^ds_[A-Za-z0-9]+$")
+    model: ModelSpec = Field(default_factory=ModelSpec)
+    privacy: PrivacySpec
+    compression: CompressionSpec = Field(default_factory=CompressionSpec)
+    training: TrainingSpec = Field(default_factory=TrainingSpec)
+    distill: DistillSpec = Field(default_factory=DistillSpec)
+    synthetic: SyntheticSpec = Field(default_factory=SyntheticSpec)
+    embedding: EmbeddingSpec = Field(default_factory=EmbeddingSpec)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> JobSpec:
+        if self.eval_dataset_id is not None and self.eval_dataset_id == self.dataset_id:
+            raise ValueError("eval_dataset_id must differ from dataset_id (evaluation on the "
+                             "private training rows would leak)")
+        if self.training.physical_batch_size > self.training.batch_size:
+            self.training.physical_batch_size = self.training.batch_size
+        return self
+
+
+def pydantic_problems(exc) -> list[dict]:
+    """Turn a pydantic ValidationError into ``[{"param", "message"}]`` with dotted params."""
+    problems = []
+    for err in exc.errors():
+        loc = ".".join(str(p) for p in err.get("loc", ()) if p != "body")
+        msg = err.get("msg", "invalid")
+        if err.get("type") == "extra_forbidden":
+            msg = "unknown field"
+        problems.append({"param": loc or None, "message": msg})
+    return problems
