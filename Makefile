@@ -22,7 +22,7 @@ $(STAMP): pyproject.toml constraints.txt
 venv: $(STAMP)
 
 run: $(STAMP)
-	$(BIN)/dpcompress serve --embedded
+	$(BIN)/dpcompress serve
 
 test: $(STAMP)
 	$(BIN)/ruff check .

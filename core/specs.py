@@ -30,6 +30,9 @@ class ModelSpec(_Strict):
     pooling: Literal["mean", "cls"] = Field(
         "mean", description="sentence pooling of the classification head (mean pooling is what "
         "all-MiniLM was trained with and what makes DP fine-tuning learn)")
+    tied_weights: Literal["freeze", "untie"] = Field(
+        "freeze", description="input embedding shared with the LM head (SmolLM2): freeze it "
+        "(default; smaller, faster DP) or untie it into two trainable matrices")
 
     @field_validator("base")
     @classmethod
@@ -51,8 +54,9 @@ class PrivacySpec(_Strict):
 
 
 class CompressionSpec(_Strict):
-    target_sparsity: float = Field(0.5, ge=0, lt=1, description="fraction of weights (unstructured) "
-                                   "or of prunable parameters (structured) removed")
+    target_sparsity: float = Field(
+        0.5, ge=0, lt=1, description="fraction of weights (unstructured) or of prunable "
+        "parameters (structured) removed")
     student_layers: int = Field(3, ge=1, le=64)
     prune_schedule: Literal["cubic", "stepwise"] = "cubic"
     prune_rounds: int = Field(5, ge=1, le=100)
@@ -73,6 +77,9 @@ class TrainingSpec(_Strict):
     seed: int = Field(0, ge=0)
     train_body: bool = Field(True, description="False trains only the head (and embeddings per "
                              "embedding.mode)")
+    grad_sample_mode: Literal["ghost", "hooks"] = Field(
+        "ghost", description="per-example clipping: ghost clipping (fast, low memory) or "
+        "Opacus hooks (materialised per-example gradients; fallback)")
 
 
 class DistillSpec(_Strict):
