@@ -54,9 +54,14 @@ def configure(monkeypatch, *, data_dir: Path, database_url: str, broker_url: str
 
 @pytest.fixture
 def redis_url() -> str:
+    """A Redis database of its own for this test, emptied first."""
     if not port_open("127.0.0.1", 6379):
         pytest.skip("Redis is not reachable on 127.0.0.1:6379")
-    return f"{REDIS_URL}/{secrets.randbelow(14) + 1}"
+    import redis
+
+    url = f"{REDIS_URL}/{secrets.randbelow(14) + 1}"
+    redis.Redis.from_url(url).flushdb()
+    return url
 
 
 @pytest.fixture

@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import logging
 
-from celery.signals import worker_ready, worker_shutdown
+from celery.signals import worker_process_init, worker_ready, worker_shutdown
 
+from core.db.session import use_connection_pool
 from core.queue import get_celery
 from worker.sweeper import Sweeper
 
@@ -21,9 +22,16 @@ log = logging.getLogger("dpc.worker")
 _sweeper: Sweeper | None = None
 
 
+@worker_process_init.connect
+def _fresh_db_pool(**_) -> None:
+    """Each job child gets its own connection pool."""
+    use_connection_pool(True)
+
+
 @worker_ready.connect
 def _start_sweeper(**_) -> None:
     global _sweeper
+    use_connection_pool(False)  # the parent forks children: it keeps no open connection
     _sweeper = Sweeper()
     _sweeper.start()
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 import tarfile
+from importlib.metadata import version
 from pathlib import Path
 
 from core.privacy.accounting import accountant_info
@@ -19,7 +20,8 @@ def write_ledger_sidecar(folder: Path, *, job_id: str, events: list[dict], summa
     the sha256 of the canonical ledger body. Returns that sha256."""
     body = {"job_id": job_id, "privacy_unit": "one row of the uploaded dataset "
             "(add/remove adjacency)", "accountant": accountant_info(summary["accountant"]),
-            "independent_accountant": accountant_info("pld"), "delta": summary["delta"],
+            "independent_accountant": {"name": "pld",
+                                       "version": f"dp-accounting {version('dp-accounting')}"}, "delta": summary["delta"],
             "epsilon": summary["epsilon"], "epsilon_independent": summary["epsilon_independent"],
             "events": events, "plan": plan}
     canonical = json.dumps(body, sort_keys=True, separators=(",", ":")).encode()

@@ -109,6 +109,9 @@ def create_job(spec: JobSpec, tenant_id: TenantId, session: WriteSession, respon
         response.status_code = 200
         return DryRunPublic(plan=plan_json, budget=budget,
                             estimate={"seconds": round(estimate_seconds(spec, ds.num_records))})
+    # Lock the dataset row before the job row's foreign key takes a share lock on it:
+    # concurrent submissions then queue here instead of deadlocking.
+    get_dataset(session, tenant_id=tenant_id, dataset_id=ds.id, lock=True)
     total_steps = sum(p.steps for p in plan.phases)
     job = Job(id=new_id("job"), tenant_id=tenant_id, dataset_id=ds.id,
               eval_dataset_id=spec.eval_dataset_id, method=spec.method, spec=spec_json,

@@ -10,31 +10,50 @@ from functools import lru_cache
 from sqlalchemy import create_engine, event
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.pool import NullPool
 
 from core.settings import get_settings
 
 
+_pooling = {"enabled": True}
+
+
+def use_connection_pool(enabled: bool) -> None:
+    """Pool connections (default) or open one per session. A process that forks
+    workers (the Celery parent) turns pooling off so that no connection it holds
+    can be inherited by a child; each child starts with a fresh pool."""
+    _pooling["enabled"] = enabled
+    get_engine.cache_clear()
+    _factory.cache_clear()
+
+
 def make_engine(url: str) -> Engine:
+    pooled = _pooling["enabled"]
     if url.startswith("sqlite"):
-        engine = create_engine(url, connect_args={"timeout": 30, "check_same_thread": False})
-
-        @event.listens_for(engine, "connect")
-        def _sqlite_pragmas(dbapi_conn, _record):
-            dbapi_conn.isolation_level = None  # let SQLAlchemy's BEGIN below take over
-            cur = dbapi_conn.cursor()
-            cur.execute("PRAGMA journal_mode=WAL")
-            cur.execute("PRAGMA foreign_keys=ON")
-            cur.execute("PRAGMA busy_timeout=30000")
-            cur.close()
-
-        @event.listens_for(engine, "begin")
-        def _sqlite_begin(conn):
-            # Writers take the write lock at BEGIN: two budget checks never interleave.
-            immediate = conn.get_execution_options().get("write", False)
-            conn.exec_driver_sql("BEGIN IMMEDIATE" if immediate else "BEGIN")
-
+        engine = create_engine(url, connect_args={"timeout": 30, "check_same_thread": False},
+                               **({} if pooled else {"poolclass": NullPool}))
+        _install_sqlite_hooks(engine)
         return engine
+    if not pooled:
+        return create_engine(url, poolclass=NullPool)
     return create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=20)
+
+
+def _install_sqlite_hooks(engine: Engine) -> None:
+    @event.listens_for(engine, "connect")
+    def _sqlite_pragmas(dbapi_conn, _record):
+        dbapi_conn.isolation_level = None  # let SQLAlchemy's BEGIN below take over
+        cur = dbapi_conn.cursor()
+        cur.execute("PRAGMA journal_mode=WAL")
+        cur.execute("PRAGMA foreign_keys=ON")
+        cur.execute("PRAGMA busy_timeout=30000")
+        cur.close()
+
+    @event.listens_for(engine, "begin")
+    def _sqlite_begin(conn):
+        # Writers take the write lock at BEGIN: two budget checks never interleave.
+        immediate = conn.get_execution_options().get("write", False)
+        conn.exec_driver_sql("BEGIN IMMEDIATE" if immediate else "BEGIN")
 
 
 @lru_cache

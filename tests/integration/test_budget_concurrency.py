@@ -19,7 +19,7 @@ def test_concurrent_submissions_never_exceed_the_cap(tmp_path, postgres_url, red
     with (LiveStack(data_dir=tmp_path, database_url=postgres_url,
                 broker_url=redis_url) as stack, stack.client(timeout=120) as c):
         ds = upload_reviews(c, cap=10.0)
-        spec = tiny_spec(ds["id"], epsilon=1.5)
+        spec = tiny_spec(ds["id"], epsilon=3.0)
 
         def post(_):
             with stack.client(timeout=120) as ci:
@@ -42,6 +42,6 @@ def test_concurrent_submissions_never_exceed_the_cap(tmp_path, postgres_url, red
         composed = compose_epsilon(events, delta=ds["budget"]["delta"], accountant="prv")
         assert composed <= 10.0 * (1 + 1e-9)
         assert len({e["job_id"] for e in held}) == len(accepted)
-        # one more job of the same size does not fit: the cap was really used
-        budget = c.get(f"/v1/datasets/{ds['id']}").json()["budget"]
-        assert budget["epsilon_remaining"] < 1.5
+        # the cap was really used: one more job of the same size does not fit
+        dry = c.post("/v1/jobs", params={"dry_run": "true"}, json=spec).json()
+        assert dry["budget"]["allowed"] is False

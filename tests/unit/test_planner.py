@@ -1,0 +1,156 @@
+"""The job planner: δ rules, q and steps, phases per method, and the ε split never exceeding the
+target."""
+
+from __future__ import annotations
+
+import math
+import time
+
+import pytest
+
+from core.errors import ValidationFailed
+from core.privacy.accounting import DpEvent, compose_epsilon
+from core.privacy.planner import (
+    DISTILDP_TEACHER_SHARE,
+    estimate_seconds,
+    plan_job,
+    sample_rate_and_steps,
+)
+from core.specs import JobSpec
+
+N = 5_000
+
+
+def make_spec(
+    method: str = "dp_finetune",
+    *,
+    epsilon: float = 3.0,
+    base: str | None = None,
+    training: dict | None = None,
+    **privacy,
+) -> JobSpec:
+    body = {
+        "method": method,
+        "dataset_id": "ds_abc",
+        "privacy": {"epsilon": epsilon, **privacy},
+        "training": training or {},
+    }
+    if base:
+        body["model"] = {"base": base}
+    return JobSpec.model_validate(body)
+
+
+def check_within_target(plan, epsilon: float) -> None:
+    assert 0.99 * epsilon <= plan.epsilon <= epsilon
+    assert plan.epsilon_independent == pytest.approx(plan.epsilon, rel=0.01)
+
+
+def test_delta_defaults_to_a_tenth_of_one_over_n():
+    plan = plan_job(make_spec(), num_records=N)
+    assert plan.delta == 1 / (10 * N)
+
+
+@pytest.mark.parametrize("delta", [1 / N, 2 / N, 0.5])
+def test_delta_of_one_over_n_or_more_is_rejected(delta):
+    with pytest.raises(ValidationFailed) as err:
+        plan_job(make_spec(delta=delta), num_records=N)
+    assert err.value.param == "privacy.delta"
+    assert err.value.details["problems"][0]["param"] == "privacy.delta"
+
+
+def test_explicit_delta_below_one_over_n_is_used():
+    plan = plan_job(make_spec(delta=1e-5), num_records=N)
+    assert plan.delta == 1e-5
+
+
+def test_sample_rate_and_steps_formula():
+    spec = make_spec(training={"batch_size": 256, "epochs": 3})
+    assert sample_rate_and_steps(spec, 10_000) == (0.0256, math.ceil(3 * 10_000 / 256))
+    assert sample_rate_and_steps(spec, 100) == (1.0, math.ceil(3 * 100 / 256))  # q capped at 1
+    short = make_spec(training={"batch_size": 256, "epochs": 0.01})
+    assert sample_rate_and_steps(short, 1_000) == (0.256, 1)
+    tenth = make_spec(training={"batch_size": 256, "epochs": 0.1})
+    assert sample_rate_and_steps(tenth, 2_560) == (0.1, 1)  # not 2 from float round-off
+
+
+@pytest.mark.parametrize("method", ["dp_finetune", "dpimp_structured", "dpimp_unstructured"])
+def test_single_phase_methods(method):
+    spec = make_spec(method, max_grad_norm=0.5, training={"batch_size": 128, "epochs": 2})
+    plan = plan_job(spec, num_records=N)
+    (train,) = plan.phases
+    assert (train.name, train.mechanism) == ("train", "poisson_gaussian")
+    assert train.sample_rate == 128 / N
+    assert train.steps == math.ceil(2 * N / 128)
+    assert (train.max_grad_norm, train.batch_size) == (0.5, 128)
+    assert train.epsilon == plan.epsilon
+    check_within_target(plan, 3.0)
+    recomputed = compose_epsilon([DpEvent.from_dict(train.model_dump())], delta=plan.delta)
+    assert recomputed == plan.epsilon  # the plan's fields are enough to recompute ε
+
+
+def test_dpkd_two_phases_compose_within_target():
+    plan = plan_job(make_spec("dpkd"), num_records=N)
+    teacher, student = plan.phases
+    assert (teacher.name, student.name) == ("teacher", "student")
+    assert (teacher.sample_rate, teacher.steps) == (student.sample_rate, student.steps)
+    assert teacher.noise_multiplier == student.noise_multiplier  # even default split
+    check_within_target(plan, 3.0)
+    assert teacher.epsilon < plan.epsilon < teacher.epsilon + student.epsilon
+
+
+def test_dpkd_custom_split():
+    plan = plan_job(make_spec("dpkd", phase_split=0.3), num_records=N)
+    teacher, student = plan.phases
+    assert teacher.epsilon / student.epsilon == pytest.approx(0.3 / 0.7, rel=0.03)
+    assert teacher.noise_multiplier > student.noise_multiplier
+    check_within_target(plan, 3.0)
+
+
+def test_dpkd_from_a_charged_teacher_plans_only_the_student():
+    spec = make_spec("dpkd", base="job:job_abc123")
+    plan = plan_job(spec, num_records=N, teacher_precharged=True)
+    (student,) = plan.phases
+    assert student.name == "student"
+    check_within_target(plan, 3.0)
+
+
+def test_distildp_releases_a_gaussian_histogram():
+    plan = plan_job(make_spec("distildp"), num_records=N)
+    teacher, histogram = plan.phases
+    assert teacher.mechanism == "poisson_gaussian"
+    assert (histogram.name, histogram.mechanism) == ("histogram", "gaussian")
+    assert (histogram.sample_rate, histogram.steps, histogram.sensitivity) == (1.0, 1, 1.0)
+    assert histogram.max_grad_norm is None and histogram.batch_size is None
+    share = (1 - DISTILDP_TEACHER_SHARE) / DISTILDP_TEACHER_SHARE
+    assert histogram.epsilon / teacher.epsilon == pytest.approx(share, rel=0.05)
+    check_within_target(plan, 3.0)
+
+
+def test_rdp_plan_reports_the_rdp_accountant():
+    plan = plan_job(make_spec("dpkd", accountant="rdp"), num_records=N)
+    assert plan.accountant == "rdp" and plan.accountant_version
+    assert 0.99 * 3.0 <= plan.epsilon <= 3.0
+    assert plan.epsilon_independent < plan.epsilon  # PLD is tighter than RDP
+
+
+@pytest.mark.parametrize(
+    ("method", "epsilon", "limit"),
+    [("dp_finetune", 2.5, 5), ("dpkd", 2.5, 5), ("distildp", 2.5, 5)],
+)
+def test_planning_is_fast_on_sst2(method, epsilon, limit):
+    start = time.perf_counter()
+    plan = plan_job(make_spec(method, epsilon=epsilon), num_records=67_349)
+    assert time.perf_counter() - start < limit
+    check_within_target(plan, epsilon)
+
+
+def test_estimate_seconds_scales_with_work():
+    base = estimate_seconds(make_spec(), 10_000)
+    assert base > 0
+    assert estimate_seconds(make_spec(), 20_000) > base
+    assert estimate_seconds(make_spec(training={"max_seq_length": 256}), 10_000) > base
+    assert estimate_seconds(make_spec("dpkd"), 10_000) > base
+    assert estimate_seconds(make_spec(base="tiny:bert"), 10_000) < base
+    assert estimate_seconds(
+        make_spec("distildp", base="bundled:smollm2-135m"), 2_000
+    ) > estimate_seconds(make_spec("distildp", base="tiny:llama"), 2_000)
