@@ -18,10 +18,12 @@ def write_ledger_sidecar(folder: Path, *, job_id: str, events: list[dict], summa
                          plan: dict) -> str:
     """privacy_ledger.json: DpEvent-style records, accountant name and version, and
     the sha256 of the canonical ledger body. Returns that sha256."""
+    accountant = summary["accountant"]
     body = {"job_id": job_id, "privacy_unit": "one row of the uploaded dataset "
-            "(add/remove adjacency)", "accountant": accountant_info(summary["accountant"]),
-            "independent_accountant": {"name": "pld",
-                                       "version": f"dp-accounting {version('dp-accounting')}"}, "delta": summary["delta"],
+            "(add/remove adjacency)",
+            "accountant": accountant_info(accountant) if accountant != "pld" else
+            {"name": "pld", "version": version("dp-accounting")},
+            "independent_accountant": {"name": "pld", "version": version("dp-accounting")}, "delta": summary["delta"],
             "epsilon": summary["epsilon"], "epsilon_independent": summary["epsilon_independent"],
             "events": events, "plan": plan}
     canonical = json.dumps(body, sort_keys=True, separators=(",", ":")).encode()

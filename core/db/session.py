@@ -14,7 +14,6 @@ from sqlalchemy.pool import NullPool
 
 from core.settings import get_settings
 
-
 _pooling = {"enabled": True}
 
 
