@@ -23,7 +23,8 @@ def write_ledger_sidecar(folder: Path, *, job_id: str, events: list[dict], summa
             "(add/remove adjacency)",
             "accountant": accountant_info(accountant) if accountant != "pld" else
             {"name": "pld", "version": version("dp-accounting")},
-            "independent_accountant": {"name": "pld", "version": version("dp-accounting")}, "delta": summary["delta"],
+            "independent_accountant": {"name": "pld", "version": version("dp-accounting")},
+            "delta": summary["delta"],
             "epsilon": summary["epsilon"], "epsilon_independent": summary["epsilon_independent"],
             "events": events, "plan": plan}
     canonical = json.dumps(body, sort_keys=True, separators=(",", ":")).encode()
