@@ -10,7 +10,7 @@ from fastapi import FastAPI, Request
 
 from api.errors import install_error_handlers
 from api.metrics import LATENCY, REQUESTS
-from api.routes import datasets, health, jobs
+from api.routes import datasets, health, jobs, ui
 from core.db.session import session_scope
 from core.db.tenants import ensure_bootstrap_key
 from core.settings import get_settings
@@ -45,6 +45,7 @@ def create_app() -> FastAPI:
     app.include_router(health.router)
     app.include_router(datasets.router)
     app.include_router(jobs.router)
+    app.include_router(ui.router)
     return app
 
 
