@@ -52,8 +52,8 @@ KEY_CACHE_SECONDS = 5.0  # a revoked key stops working within this delay
 _key_cache: dict[str, tuple[float, str]] = {}
 
 
-def current_tenant(request: Request) -> str:
-    key = _bearer_key(request)
+def tenant_of_key(key: str) -> str | None:
+    """The tenant of an active API key (cached for KEY_CACHE_SECONDS), or None."""
     cached = _key_cache.get(key)
     if cached and time.monotonic() - cached[0] < KEY_CACHE_SECONDS:
         return cached[1]
@@ -62,11 +62,17 @@ def current_tenant(request: Request) -> str:
         tenant_id = tenant_for_key(session, key=key)
     finally:
         session.close()
+    if tenant_id is not None:
+        if len(_key_cache) > 10_000:
+            _key_cache.clear()
+        _key_cache[key] = (time.monotonic(), tenant_id)
+    return tenant_id
+
+
+def current_tenant(request: Request) -> str:
+    tenant_id = tenant_of_key(_bearer_key(request))
     if tenant_id is None:
         raise Unauthenticated("invalid or revoked API key", param="Authorization")
-    if len(_key_cache) > 10_000:
-        _key_cache.clear()
-    _key_cache[key] = (time.monotonic(), tenant_id)
     return tenant_id
 
 

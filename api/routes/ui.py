@@ -18,15 +18,13 @@ from fastapi import APIRouter, Form, Request
 from fastapi.responses import FileResponse, HTMLResponse, RedirectResponse, Response
 from sqlalchemy import select
 
-from api.deps import ReadSession
+from api.deps import ReadSession, tenant_of_key
 from api.schemas import aware
 from api.ui.plots import line_plot, metric_series
 from core import states
 from core.db.datasets import get_dataset, list_datasets
 from core.db.jobs import get_job, list_events, list_jobs
-from core.db.session import open_session
 from core.db.tables import Artifact, Job
-from core.db.tenants import tenant_for_key
 from core.errors import InvalidRequest, NotFound
 from core.privacy import ledger
 from core.storage import artifact_store
@@ -77,18 +75,10 @@ def _request_key(request: Request) -> str | None:
     return value.strip() if scheme.lower() == "bearer" and value.strip() else None
 
 
-def _lookup(key: str) -> str | None:
-    session = open_session(write=False)
-    try:
-        return tenant_for_key(session, key=key)
-    finally:
-        session.close()
-
-
 def ui_tenant(request: Request) -> str | None:
     """The tenant of the cookie's (or header's) key; None when absent or revoked."""
     key = _request_key(request)
-    return _lookup(key) if key else None
+    return tenant_of_key(key) if key else None
 
 
 def _safe_next(target: str | None) -> str:
@@ -124,7 +114,7 @@ def login(
     next: Annotated[str, Form(max_length=2000)] = "/ui/jobs",
 ) -> Response:
     key = api_key.strip()
-    if not key or _lookup(key) is None:
+    if not key or tenant_of_key(key) is None:
         return render(
             "login.html",
             status_code=401,

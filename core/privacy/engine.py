@@ -1,0 +1,343 @@
+"""DP-SGD on Opacus 1.6 (Abadi et al. 2016, Alg. 1), driven by a precomputed plan.
+
+One logical step t (Poisson batch L_t, each row in with probability q):
+
+    g̃_t = ( Σ_{i ∈ L_t} g_i · min(1, C / ‖g_i‖₂)  +  N(0, σ²C²·I) ) / (q·N)
+
+with σ = ``phase.noise_multiplier``, C = ``phase.max_grad_norm`` and q = ``phase.sample_rate``
+taken from the plan as given — the engine never computes σ. Noise is added once to the
+summed clipped gradient and the sum divided by the *expected* batch q·N (Opacus
+``loss_reduction="mean"`` semantics), then the wrapped optimizer steps.
+
+Opacus pieces are attached without wrapping the model (``wrap_model=False``: the HF
+model keeps its interface and its ``save_pretrained`` keys). This is what
+``PrivacyEngine.make_private(wrap_model=False, poisson_sampling=False)`` assembles, minus
+its DataLoader-derived q and its accountant: q comes from the plan, sampling is ours
+(:class:`core.data.PoissonSampler`) and the service's ledger does the accounting.
+
+Logical batches ≫ physical (DESIGN section 8 fast path): each Poisson batch is sorted by
+length and split into chunks of ``physical_batch_size`` rows with tight padding;
+``optimizer.signal_skip_step(do_skip=not last)`` before each chunk's ``step()`` makes
+Opacus accumulate clipped sums and add noise once, on the last chunk.
+
+Randomness: the Poisson sampler and the noise have their own generators. Unless a test
+passes explicit seeds they are seeded from OS entropy — never from the job spec's public
+``training.seed``, since a known seed would reveal the noise and the sampled rows. Their
+states go into the (worker-private) checkpoints, so a resumed run continues the same
+streams. ``secure_mode`` (Opacus's CSPRNG and 4-draw noise, robust to floating-point
+attacks) needs ``torchcsprng``, which has no build for torch 2.13: it raises until one is
+installed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import secrets
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from opacus.grad_sample.utils import prepare_module
+from opacus.optimizers import get_optimizer_class
+from opacus.utils.fast_gradient_clipping_utils import DPTensorFastGradientClipping
+from torch import nn
+
+from core.data import EncodedDataset, PoissonSampler, split_physical
+from core.errors import InvalidRequest
+from core.privacy.plan import PhasePlan
+from core.recipe_api import RecipeHooks
+from core.training.checkpoint import (
+    ResumeState,
+    find_checkpoint,
+    load_checkpoint,
+    save_checkpoint,
+)
+
+log = logging.getLogger(__name__)
+
+LossFn = Callable[[nn.Module, dict[str, torch.Tensor]], torch.Tensor]  # -> loss per example [B]
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """How to run a DP phase (not *what* it costs: that is the plan).
+
+    Attributes:
+        grad_sample_mode: "ghost" (ghost clipping: per-example norms without per-example
+            gradients; default) or "hooks" (materialised per-example gradients; fallback).
+        physical_batch_size: rows per forward/backward chunk.
+        checkpoint_every: save a resume checkpoint every K logical steps (and at the end).
+        sampler_seed: seed of the Poisson sampler; None → OS entropy (production).
+        noise_seed: seed of the Gaussian noise; None → OS entropy (production).
+        secure_mode: Opacus secure RNG + noise; requires ``torchcsprng``.
+    """
+
+    grad_sample_mode: Literal["ghost", "hooks"] = "ghost"
+    physical_batch_size: int = 32
+    checkpoint_every: int = 50
+    sampler_seed: int | None = None
+    noise_seed: int | None = None
+    secure_mode: bool = False
+
+
+@dataclass(frozen=True)
+class PhaseResult:
+    """What one (possibly resumed) run of a DP phase did.
+
+    Attributes:
+        phase: phase name.
+        resumed_from: step of the checkpoint this attempt started from (0: fresh).
+        last_step: last logical step run (the index ``begin_phase`` returned).
+        steps_run: logical steps run by this attempt.
+        train_loss: mean per-step train loss over the whole phase (nats; non-private).
+        samples_seen: rows processed over the whole phase.
+        samples_this_attempt: rows processed by this attempt.
+        seconds: wall time of this attempt.
+    """
+
+    phase: str
+    resumed_from: int
+    last_step: int
+    steps_run: int
+    train_loss: float | None
+    samples_seen: int
+    samples_this_attempt: int
+    seconds: float
+
+
+class DPSGDEngine:
+    """Runs the planned logical steps of one DP-SGD phase.
+
+    Args:
+        model: the plain HF model; trained in place (``requires_grad`` decides what).
+        optimizer: a standard optimizer over the trainable parameters (per-group lr).
+        phase: the plan of this phase (q, σ, C, steps).
+        dataset: the encoded private rows; N = ``len(dataset)``.
+        loss_fn: ``(model, batch) -> loss per example [B]``.
+        hooks: the runner's hooks (charging, cancel, checkpoints, events).
+        config: engine options.
+        device: "cpu", "cuda", "cuda:1", ...
+    """
+
+    def __init__(
+        self,
+        *,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        phase: PhasePlan,
+        dataset: EncodedDataset,
+        loss_fn: LossFn,
+        hooks: RecipeHooks,
+        config: EngineConfig | None = None,
+        device: str = "cpu",
+    ):
+        if phase.mechanism != "poisson_gaussian" or phase.max_grad_norm is None:
+            raise InvalidRequest(
+                f"phase {phase.name!r} is not a DP-SGD phase (mechanism "
+                f"{phase.mechanism!r}, max_grad_norm {phase.max_grad_norm})"
+            )
+        self.model, self.phase, self.dataset = model, phase, dataset
+        self.loss_fn, self.hooks, self.device = loss_fn, hooks, device
+        self.config = config or EngineConfig()
+        self.max_grad_norm = float(phase.max_grad_norm)  # C
+        self.expected_batch_size = phase.sample_rate * len(dataset)  # q·N, may be fractional
+        self.sampler = PoissonSampler(
+            num_samples=len(dataset),
+            sample_rate=phase.sample_rate,
+            seed=_seed_or_entropy(self.config.sampler_seed),
+        )
+        self.noise_generator = _noise_generator(self.config, device)
+        self.model.to(device)
+        self.model.train()  # ghost clipping needs train mode before its hooks attach
+        mode = self.config.grad_sample_mode
+        kw = {"max_grad_norm": self.max_grad_norm} if mode == "ghost" else {}
+        self.grad_hooks = prepare_module(
+            model, grad_sample_mode=mode, wrap_model=False, batch_first=True,
+            loss_reduction="mean", **kw,
+        )  # fmt: skip
+        optim_cls = get_optimizer_class(clipping="flat", distributed=False, grad_sample_mode=mode)
+        self.optimizer = optim_cls(
+            optimizer=optimizer,
+            noise_multiplier=phase.noise_multiplier,
+            max_grad_norm=self.max_grad_norm,
+            expected_batch_size=self.expected_batch_size,
+            loss_reduction="mean",
+            generator=self.noise_generator,
+            secure_mode=self.config.secure_mode,
+        )
+
+    # -- the phase ---------------------------------------------------------------------
+
+    def run(self) -> PhaseResult:
+        """Resume from the latest checkpoint if any, then run up to ``begin_phase``'s step.
+
+        ``hooks.before_step`` is called before each logical step touches data; when it
+        raises (``JobCancelled``, ``LeaseLost``) the exception propagates between steps,
+        so the last checkpoint and the model are consistent. Opacus hooks are removed on
+        the way out, leaving a plain HF model.
+        """
+        name, started = self.phase.name, time.monotonic()
+        ckpt_dir = self.hooks.checkpoint_dir(name)
+        state = self._resume(ckpt_dir) or ResumeState(
+            phase=name,
+            step=0,
+            sample_rate=self.phase.sample_rate,
+            noise_multiplier=self.phase.noise_multiplier,
+            max_grad_norm=self.max_grad_norm,
+            grad_sample_mode=self.config.grad_sample_mode,
+        )
+        resumed_from, samples_before = state.step, state.samples_seen
+        last = self.hooks.begin_phase(name, resumed_step=resumed_from)
+        self.hooks.event(
+            "dp_sgd.started",
+            {"phase": name, "resumed_step": resumed_from, "last_step": last,
+             "sample_rate": self.phase.sample_rate,
+             "noise_multiplier": self.phase.noise_multiplier,
+             "max_grad_norm": self.phase.max_grad_norm,
+             "expected_batch_size": self.expected_batch_size,
+             "grad_sample_mode": self.config.grad_sample_mode,
+             "physical_batch_size": self.config.physical_batch_size},
+        )  # fmt: skip
+        try:
+            for step in range(resumed_from + 1, last + 1):
+                self.hooks.before_step(name, step)
+                indices = self.sampler.sample()
+                loss = self._logical_step(indices)
+                state = _advance(state, step, loss, len(indices))
+                metrics = {"batch_size": float(len(indices))}
+                if not math.isnan(loss):  # an empty Poisson batch has no loss (and no NaN)
+                    metrics["loss"] = loss
+                self.hooks.after_step(name, step, metrics)
+                if step % self.config.checkpoint_every == 0 or step == last:
+                    self._checkpoint(ckpt_dir, state)
+        finally:  # one run per engine: leave a plain HF model behind
+            self.optimizer.zero_grad(set_to_none=True)
+            self.grad_hooks.cleanup()
+        seconds = time.monotonic() - started
+        mean_loss = state.loss_sum / state.loss_steps if state.loss_steps else None
+        self.hooks.event(
+            "phase.finished",
+            {"phase": name, "step": state.step, "steps_run": state.step - resumed_from,
+             "train_loss": mean_loss, "seconds": round(seconds, 3)},
+        )  # fmt: skip
+        return PhaseResult(
+            phase=name,
+            resumed_from=resumed_from,
+            last_step=state.step,
+            steps_run=state.step - resumed_from,
+            train_loss=mean_loss,
+            samples_seen=state.samples_seen,
+            samples_this_attempt=state.samples_seen - samples_before,
+            seconds=seconds,
+        )
+
+    def _logical_step(self, indices: list[int]) -> float:
+        """One DP-SGD update on the Poisson batch ``indices``; returns its mean loss."""
+        opt = self.optimizer
+        opt.zero_grad(set_to_none=True)
+        chunks = split_physical(indices, self.dataset.lengths, self.config.physical_batch_size)
+        if not chunks:  # an empty Poisson batch still releases noise: θ -= lr·N(0,σ²C²)/(qN)
+            self._step_on_empty_batch()
+            return math.nan
+        loss_sum = 0.0
+        for i, chunk in enumerate(chunks):
+            batch = {k: v.to(self.device) for k, v in self.dataset.collate(chunk).items()}
+            loss_per_example = self.loss_fn(self.model, batch)  # [b]
+            loss_sum += float(loss_per_example.detach().sum())
+            opt.signal_skip_step(do_skip=i < len(chunks) - 1)
+            if self.config.grad_sample_mode == "ghost":
+                DPTensorFastGradientClipping(
+                    self.grad_hooks, opt, loss_per_example, loss_reduction="mean"
+                ).backward()
+            else:
+                loss_per_example.mean().backward()
+            opt.step()  # clips + accumulates; on the last chunk also noises and updates
+            opt.zero_grad(set_to_none=True)  # keeps the accumulated sum while skipping
+        return loss_sum / len(indices)
+
+    def _step_on_empty_batch(self) -> None:
+        for p in self.optimizer.params:
+            if self.config.grad_sample_mode == "ghost":
+                p.grad = torch.zeros_like(p)
+            else:  # zero per-example gradients for a batch of 0 rows
+                p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype, device=p.device)
+        self.optimizer.signal_skip_step(do_skip=False)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+    # -- checkpoints -------------------------------------------------------------------
+
+    def _rng_states(self) -> dict[str, torch.Tensor]:
+        states = {"sampler": self.sampler.generator.get_state(), "torch": torch.get_rng_state()}
+        if isinstance(self.noise_generator, torch.Generator):
+            states["noise"] = self.noise_generator.get_state()
+        if str(self.device).startswith("cuda"):
+            states["cuda"] = torch.cuda.get_rng_state(self.device)
+        return states
+
+    def _checkpoint(self, ckpt_dir, state: ResumeState) -> None:
+        folder = save_checkpoint(
+            ckpt_dir, model=self.model, optimizer=self.optimizer,
+            rng_states=self._rng_states(), state=state,
+        )  # fmt: skip
+        self.hooks.event(
+            "checkpoint.saved", {"phase": state.phase, "step": state.step, "path": str(folder)}
+        )
+
+    def _resume(self, ckpt_dir) -> ResumeState | None:
+        found = find_checkpoint(ckpt_dir)
+        if found is None:
+            return None
+        folder, state = found
+        planned = (self.phase.name, self.phase.sample_rate, self.phase.noise_multiplier,
+                   self.max_grad_norm)  # fmt: skip
+        saved = (state.phase, state.sample_rate, state.noise_multiplier, state.max_grad_norm)
+        if saved != planned:
+            raise InvalidRequest(
+                f"checkpoint {folder} was written for (phase, q, σ, C) = {saved}, but the "
+                f"plan says {planned}; refusing to mix two mechanisms in one phase"
+            )
+        rng = load_checkpoint(folder, model=self.model, optimizer=self.optimizer,
+                              device=self.device)  # fmt: skip
+        self.sampler.generator.set_state(rng["sampler"])
+        torch.set_rng_state(rng["torch"])
+        if "noise" in rng and isinstance(self.noise_generator, torch.Generator):
+            self.noise_generator.set_state(rng["noise"])
+        if "cuda" in rng and str(self.device).startswith("cuda"):
+            torch.cuda.set_rng_state(rng["cuda"], self.device)
+        log.info("resuming phase %s from step %d (%s)", state.phase, state.step, folder)
+        return state
+
+
+def _advance(state: ResumeState, step: int, loss: float, batch_size: int) -> ResumeState:
+    has_loss = not math.isnan(loss)
+    return dataclasses.replace(
+        state,
+        step=step,
+        loss_sum=state.loss_sum + (loss if has_loss else 0.0),
+        loss_steps=state.loss_steps + int(has_loss),
+        samples_seen=state.samples_seen + batch_size,
+    )
+
+
+def _seed_or_entropy(seed: int | None) -> int:
+    return secrets.randbits(63) if seed is None else seed
+
+
+def _noise_generator(config: EngineConfig, device: str):
+    if config.secure_mode:
+        try:
+            import torchcsprng  # type: ignore[import-not-found]
+        except ImportError as e:
+            raise InvalidRequest(
+                "secure_mode needs the torchcsprng package (cryptographically secure noise "
+                "robust to floating-point attacks), which is not installed on this worker",
+            ) from e
+        return torchcsprng.create_random_device_generator("/dev/urandom")
+    gen = torch.Generator(device=device)
+    gen.manual_seed(_seed_or_entropy(config.noise_seed))
+    return gen

@@ -1,0 +1,1 @@
+"""Training helpers of the torch zone: per-example losses, metrics, resume checkpoints."""

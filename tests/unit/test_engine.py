@@ -1,0 +1,243 @@
+"""DP-SGD engine against references: a naive per-example clipping loop, the noise
+distribution, the Poisson sampler, the planned step count, and kill/resume."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from core.data import PoissonSampler, encode_dataset, split_physical
+from core.errors import JobCancelled
+from core.models import load_model
+from core.privacy.engine import DPSGDEngine, EngineConfig
+from core.training.checkpoint import find_checkpoint
+from core.training.losses import classification_loss_per_example
+from tests.unit.torch_fakes import (
+    RecordingHooks,
+    dp_phase,
+    model_cache_dir,
+    single_torch_thread,
+    text_rows,
+    view,
+)
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    yield from single_torch_thread()
+
+
+def _tiny_bert(seed: int = 0, dropout: bool = False) -> tuple[nn.Module, object]:
+    loaded = load_model(
+        "tiny:bert", task="classification", labels=["neg", "pos"], seed=seed,
+        cache_dir=model_cache_dir(),
+    )  # fmt: skip
+    if not dropout:
+        for m in loaded.model.modules():
+            if isinstance(m, nn.Dropout):
+                m.p = 0.0
+    return loaded.model, loaded.tokenizer
+
+
+def _dataset(tokenizer, n: int, seed: int = 0):
+    return encode_dataset(
+        view(text_rows(n, seed=seed)), tokenizer, task="classification", max_seq_length=16,
+        uses_token_type_ids=True,
+    )  # fmt: skip
+
+
+def _flat(model: nn.Module) -> torch.Tensor:
+    return torch.cat([p.detach().reshape(-1).clone() for p in model.parameters()])
+
+
+def _run_one_step(model, dataset, *, q, sigma, C, mode, tmp_path, physical=5, noise_seed=1):
+    hooks = RecordingHooks(1, tmp_path / f"{mode}-{sigma}")
+    engine = DPSGDEngine(
+        model=model,
+        optimizer=torch.optim.SGD(model.parameters(), lr=1.0),
+        phase=dp_phase(sample_rate=q, noise_multiplier=sigma, steps=1, max_grad_norm=C),
+        dataset=dataset,
+        loss_fn=classification_loss_per_example,
+        hooks=hooks,
+        config=EngineConfig(
+            grad_sample_mode=mode, physical_batch_size=physical, sampler_seed=0,
+            noise_seed=noise_seed,
+        ),
+    )  # fmt: skip
+    engine.run()
+    return hooks
+
+
+def _naive_clipped_sum(model, dataset, C: float) -> torch.Tensor:
+    """Σ_i g_i · min(1, C/‖g_i‖): one forward/backward per example, no Opacus."""
+    model.train()
+    total = None
+    for i in range(len(dataset)):
+        model.zero_grad(set_to_none=True)
+        classification_loss_per_example(model, dataset.collate([i])).sum().backward()
+        g = torch.cat([p.grad.reshape(-1) for p in model.parameters()])
+        g = g * min(1.0, C / (float(g.norm()) + 1e-6))
+        total = g if total is None else total + g
+    return total
+
+
+@pytest.mark.parametrize("mode", ["ghost", "hooks"])
+def test_clipped_sum_matches_naive_per_example_loop(mode, tmp_path):
+    model, tok = _tiny_bert()
+    data = _dataset(tok, 12)
+    reference_model, _ = _tiny_bert()
+    norms = []
+    for i in range(len(data)):  # pick C inside the norm range so some rows are clipped
+        reference_model.zero_grad(set_to_none=True)
+        classification_loss_per_example(reference_model, data.collate([i])).sum().backward()
+        grads = [p.grad.reshape(-1) for p in reference_model.parameters()]
+        norms.append(float(torch.cat(grads).norm()))
+    C = sorted(norms)[len(norms) // 2]
+    expected = _naive_clipped_sum(reference_model, data, C)
+
+    before = _flat(model)
+    # q = 1: every row in the one logical batch, split into 3 physical chunks; σ = 0.
+    _run_one_step(model, data, q=1.0, sigma=0.0, C=C, mode=mode, tmp_path=tmp_path)
+    got = (before - _flat(model)) * len(data)  # SGD lr 1: Δθ = -Σclip(g_i) / (q·N)
+    assert min(norms) < C < max(norms)
+    rel = float((got - expected).norm() / expected.norm())
+    assert rel < 1e-4, f"{mode}: relative error {rel:.2e}"
+
+
+@pytest.mark.parametrize("mode", ["ghost", "hooks"])
+def test_noise_std_is_sigma_C_over_expected_batch(mode, tmp_path):
+    """Same data, same sampled batch, σ vs σ=0: the difference is pure noise / (q·N)."""
+    sigma, C, q, n = 1.5, 0.7, 0.5, 16
+    noisy, tok = _tiny_bert()
+    clean, _ = _tiny_bert()
+    data = _dataset(tok, n)
+    start = _flat(noisy)
+    _run_one_step(noisy, data, q=q, sigma=sigma, C=C, mode=mode, tmp_path=tmp_path)
+    _run_one_step(clean, data, q=q, sigma=0.0, C=C, mode=mode, tmp_path=tmp_path)
+    noise = _flat(clean) - _flat(noisy)  # = N(0, σ²C²) / (q·N) per coordinate
+    assert float((_flat(clean) - start).abs().max()) > 0  # the clean run did learn something
+    expected_std = sigma * C / (q * n)  # divided by the *expected* batch q·N = 8
+    assert noise.numel() > 500_000
+    assert abs(float(noise.std()) / expected_std - 1) < 0.01
+    assert abs(float(noise.mean())) < 5 * expected_std / math.sqrt(noise.numel())
+
+
+def test_poisson_batch_sizes_average_q_times_n():
+    n, q, steps = 1000, 0.05, 2000
+    sampler = PoissonSampler(num_samples=n, sample_rate=q, seed=3)
+    sizes = torch.tensor([len(sampler.sample()) for _ in range(steps)], dtype=torch.float64)
+    sd_of_mean = math.sqrt(n * q * (1 - q) / steps)
+    assert abs(float(sizes.mean()) - n * q) < 4 * sd_of_mean
+    assert abs(float(sizes.var()) / (n * q * (1 - q)) - 1) < 0.15  # Binomial, not fixed
+    # every row can be drawn, rows are not repeated within a batch
+    batch = sampler.sample()
+    assert len(batch) == len(set(batch))
+
+
+def test_sampler_state_round_trips():
+    a = PoissonSampler(num_samples=50, sample_rate=0.3, seed=7)
+    a.sample()
+    state = a.state_dict()
+    b = PoissonSampler(num_samples=50, sample_rate=0.3, seed=99)
+    b.load_state_dict(state)
+    assert [a.sample() for _ in range(3)] == [b.sample() for _ in range(3)]
+
+
+def test_split_physical_sorts_by_length_and_keeps_every_row():
+    lengths = [3, 9, 1, 7, 5]
+    chunks = split_physical([0, 1, 2, 3, 4], lengths, 2)
+    assert chunks == [[1, 3], [4, 0], [2]]
+
+
+def _engine(model, data, hooks, *, steps, q=0.25, sigma=0.8, every=2, mode="ghost"):
+    return DPSGDEngine(
+        model=model,
+        optimizer=torch.optim.AdamW(model.parameters(), lr=1e-3),
+        phase=dp_phase(sample_rate=q, noise_multiplier=sigma, steps=steps),
+        dataset=data,
+        loss_fn=classification_loss_per_example,
+        hooks=hooks,
+        config=EngineConfig(
+            grad_sample_mode=mode, physical_batch_size=4, checkpoint_every=every,
+            sampler_seed=5, noise_seed=6,
+        ),
+    )  # fmt: skip
+
+
+def test_runs_exactly_the_planned_steps(tmp_path):
+    model, tok = _tiny_bert()
+    data = _dataset(tok, 20)
+    hooks = RecordingHooks(7, tmp_path)
+    result = _engine(model, data, hooks, steps=7, every=3).run()
+    assert hooks.before == list(range(1, 8))
+    assert [s for s, _ in hooks.after] == list(range(1, 8))
+    assert result.last_step == 7 and result.steps_run == 7
+    saved = [d["step"] for k, d in hooks.events if k == "checkpoint.saved"]
+    assert saved == [3, 6, 7]  # every K and at the phase end
+    assert find_checkpoint(tmp_path / "train")[1].step == 7
+    assert all(not hasattr(p, "grad_sample") for p in model.parameters())  # hooks removed
+
+
+def test_kill_and_resume_matches_an_uninterrupted_run(tmp_path):
+    steps = 6
+    _, tok = _tiny_bert()
+    data = _dataset(tok, 16)
+
+    torch.manual_seed(0)
+    straight_model, _ = _tiny_bert(dropout=True)
+    straight = RecordingHooks(steps, tmp_path / "straight")
+    _engine(straight_model, data, straight, steps=steps).run()
+
+    torch.manual_seed(0)
+    model, _ = _tiny_bert(dropout=True)
+    hooks = RecordingHooks(steps, tmp_path / "killed", cancel_before_step=5)
+    with pytest.raises(JobCancelled):
+        _engine(model, data, hooks, steps=steps).run()
+    assert hooks.charged == 4 and find_checkpoint(tmp_path / "killed" / "train")[1].step == 4
+
+    # a new process: fresh model from the same base, new engine, same checkpoint folder
+    torch.manual_seed(123)  # a different global RNG: the checkpoint must restore it
+    resumed_model, _ = _tiny_bert(dropout=True)
+    result = _engine(resumed_model, data, hooks, steps=steps).run()
+
+    assert hooks.begins == [(0, 6), (4, 6)]
+    assert hooks.before == [1, 2, 3, 4, 5, 6] and hooks.charged == steps  # nothing wasted
+    assert result.resumed_from == 4 and result.last_step == steps == straight.before[-1]
+    torch.testing.assert_close(_flat(resumed_model), _flat(straight_model), rtol=0, atol=1e-6)
+
+
+def test_resume_after_wasted_steps_ends_where_begin_phase_says(tmp_path):
+    steps = 6
+    model, tok = _tiny_bert()
+    data = _dataset(tok, 16)
+    hooks = RecordingHooks(steps, tmp_path, crash_after_step=5)  # step 5 charged, not saved
+    with pytest.raises(RuntimeError):
+        _engine(model, data, hooks, steps=steps, mode="hooks").run()
+    model2, _ = _tiny_bert()
+    result = _engine(model2, data, hooks, steps=steps, mode="hooks").run()
+    assert hooks.begins[-1] == (4, 5)  # one charged step was lost: the phase ends at 5
+    assert result.last_step == 5 and hooks.charged == steps
+    assert find_checkpoint(tmp_path / "train")[1].step == 5
+
+
+def test_resume_refuses_a_checkpoint_of_another_mechanism(tmp_path):
+    model, tok = _tiny_bert()
+    data = _dataset(tok, 8)
+    _engine(model, data, RecordingHooks(2, tmp_path), steps=2).run()
+    with pytest.raises(Exception, match="refusing to mix"):
+        _engine(model, data, RecordingHooks(2, tmp_path), steps=2, sigma=2.0).run()
+
+
+@pytest.mark.parametrize("mode", ["ghost", "hooks"])
+def test_empty_poisson_batches_still_step_with_noise(mode, tmp_path):
+    model, tok = _tiny_bert()
+    data = _dataset(tok, 4)
+    before = _flat(model)
+    hooks = RecordingHooks(3, tmp_path)
+    result = _engine(model, data, hooks, steps=3, q=1e-6, sigma=1.0, mode=mode).run()
+    assert [m for _, m in hooks.after] == [{"batch_size": 0.0}] * 3  # no NaN loss
+    assert result.train_loss is None and result.last_step == 3
+    assert float((_flat(model) - before).abs().max()) > 0
