@@ -93,7 +93,7 @@ def test_sigkilled_worker_is_recovered_and_charged_once(stack):
     first = stack.start_worker()
     with stack.client() as c:
         ds = upload_reviews(c)
-        job = submit(c, tiny_spec(ds["id"], epochs=30, batch_size=8, epsilon=8.0))
+        job = submit(c, tiny_spec(ds["id"], epochs=12, batch_size=8, epsilon=8.0))
         planned = job["privacy"]["plan"]["phases"][0]["steps"]
         wait_for(c, job["id"], {"running"}, timeout=120,
                  predicate=lambda j: j["progress"]["step"] >= 6)

