@@ -133,10 +133,11 @@ class RunnerHooks:
         with session_scope() as s:
             job = s.get(Job, self.job_id)
             job.phase, job.step = phase, effective
-            append_event(s, job_id=self.job_id, kind="train.metrics",
-                         data={"phase": phase, "step": effective,
-                               "total_steps": self.planned[phase], "epsilon": round(eps, 6),
-                               **{k: float(v) for k, v in metrics.items()}})
+            data = {"phase": phase, "step": effective, "total_steps": self.planned[phase],
+                    "epsilon": round(eps, 6), **{k: float(v) for k, v in metrics.items()}}
+            if "loss" in metrics:  # a training statistic of private rows, not DP
+                data["non_private"] = ["loss"]
+            append_event(s, job_id=self.job_id, kind="train.metrics", data=data)
 
     def checkpoint_dir(self, phase: str) -> Path:
         path = self.work_dir / "checkpoints" / phase

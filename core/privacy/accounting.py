@@ -412,7 +412,10 @@ def _search_epsilon(events, delta, accountant, scale) -> float:
     magnitude, so the curve is smooth in σ), or the exact RDP ε."""
     if accountant == "rdp":
         return compose_epsilon(events, delta=delta, accountant="rdp")
-    return max(0.0, _prv_bounds(_canonical(events), delta, SEARCH_EPS_ERROR_REL * scale)[1])
+    try:
+        return max(0.0, _prv_bounds(_canonical(events), delta, SEARCH_EPS_ERROR_REL * scale)[1])
+    except RuntimeError:  # prv_accountant cannot discretise here: steer on PLD instead
+        return compose_epsilon(events, delta=delta, accountant="prv")
 
 
 # --- the accountants --------------------------------------------------------------------------

@@ -250,3 +250,13 @@ def test_prv_falls_back_to_pld_where_prv_accountant_cannot_discretise():
     eps = compose_epsilon(events, delta=1 / 640)
     assert eps == pytest.approx(independent_epsilon(events, delta=1 / 640), rel=1e-9)
     assert compose_epsilon(events, delta=1 / 640, accountant="rdp") >= eps
+
+
+@pytest.mark.parametrize("sample_rate,steps,epsilon", [(0.125, 96, 8.0), (0.125, 480, 8.0),
+                                                       (0.25, 8, 4.0)])
+def test_planning_works_where_prv_accountant_cannot_discretise(sample_rate, steps, epsilon):
+    sigma = plan_noise_multiplier(epsilon=epsilon, delta=1 / 640, sample_rate=sample_rate,
+                                  steps=steps)
+    reached = compose_epsilon([DpEvent("poisson_gaussian", sigma, sample_rate, steps)],
+                              delta=1 / 640)
+    assert 0.99 * epsilon <= reached <= epsilon
