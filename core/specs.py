@@ -7,7 +7,7 @@ resolved through whitelists (never import paths).
 from __future__ import annotations
 
 import re
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -58,6 +58,9 @@ class CompressionSpec(_Strict):
         0.5, ge=0, lt=1, description="fraction of weights (unstructured) or of prunable "
         "parameters (structured) removed")
     student_layers: int = Field(3, ge=1, le=64)
+    student_init: Literal["teacher", "pretrained"] = Field(
+        "teacher", description="dpkd: copy the student's evenly spaced layers from the DP "
+        "teacher (default) or from the pre-trained base model")
     prune_schedule: Literal["cubic", "stepwise"] = "cubic"
     prune_rounds: int = Field(5, ge=1, le=100)
     structures: list[Literal["heads", "ffn", "layers"]] = Field(
@@ -70,16 +73,23 @@ class TrainingSpec(_Strict):
     batch_size: int = Field(256, ge=1, le=65536, description="expected logical batch (q = batch/N)")
     learning_rate: float = Field(5e-5, gt=0, lt=10)
     head_learning_rate: float | None = Field(
-        None, gt=0, lt=10, description="learning rate of the task head (default: 400× lr, "
-        "capped at 5e-2; DP heads need a much larger step than the body)")
+        None, gt=0, lt=10, description="learning rate of the freshly initialised task head "
+        "(default: 2e-2, or lr if larger; a DP head needs a much larger step than the body)")
     max_seq_length: int = Field(128, ge=8, le=2048)
     physical_batch_size: int = Field(32, ge=1, le=4096)
     seed: int = Field(0, ge=0)
-    train_body: bool = Field(True, description="False trains only the head (and embeddings per "
-                             "embedding.mode)")
+    train_body: bool | None = Field(
+        None, description="train the pretrained body with the head; False trains only the "
+        "head (and embeddings per embedding.mode). Unset: the method's default — dp_finetune "
+        "of a classifier trains only the head (measured best under DP on SST-2 at ε 3-8, "
+        "bench/dp_finetune_quality.py); every other case trains the body")
     grad_sample_mode: Literal["ghost", "hooks"] = Field(
         "ghost", description="per-example clipping: ghost clipping (fast, low memory) or "
         "Opacus hooks (materialised per-example gradients; fallback)")
+
+    def body_trained(self, default: bool = True) -> bool:
+        """``train_body`` if the user set it, else the recipe's ``default``."""
+        return default if self.train_body is None else self.train_body
 
 
 class DistillSpec(_Strict):
@@ -97,6 +107,10 @@ class EmbeddingSpec(_Strict):
     fest_top_k: int | None = Field(None, ge=1)
     adafest_threshold: float | None = Field(None, ge=0)
     adafest_noise_ratio: float | None = Field(None, gt=0)
+    fest_public_rows: list[Annotated[int, Field(ge=0)]] | None = Field(
+        None, max_length=1_000_000, description="fest: embedding row ids ranked by a PUBLIC "
+        "frequency (most frequent first); the first fest_top_k are trained. Default: the "
+        "tokenizer-order proxy (see core.privacy.embedding_frequencies)")
 
 
 class JobSpec(_Strict):

@@ -49,6 +49,7 @@ from torch import nn
 from core.data import EncodedDataset, PoissonSampler, split_physical
 from core.errors import InvalidRequest
 from core.privacy.plan import PhasePlan
+from core.privacy.sparse_embedding import SparseEmbeddingUpdate
 from core.recipe_api import RecipeHooks
 from core.training.checkpoint import (
     ResumeState,
@@ -121,6 +122,11 @@ class DPSGDEngine:
         hooks: the runner's hooks (charging, cancel, checkpoints, events).
         config: engine options.
         device: "cpu", "cuda", "cuda:1", ...
+        sparse_embedding: optional row-sparse embedding update (``embedding.mode`` fest /
+            adafest, :mod:`core.privacy.sparse_embedding`). None (default): dense DP-SGD,
+            unchanged. When set, the DP optimizer noises at its σ_grad (= σ for fest; for
+            adafest σ_grad > σ, which together with the selection noise is accounted as σ),
+            and only the selected embedding rows are updated each step.
     """
 
     def __init__(
@@ -134,6 +140,7 @@ class DPSGDEngine:
         hooks: RecipeHooks,
         config: EngineConfig | None = None,
         device: str = "cpu",
+        sparse_embedding: SparseEmbeddingUpdate | None = None,
     ):
         if phase.mechanism != "poisson_gaussian" or phase.max_grad_norm is None:
             raise InvalidRequest(
@@ -143,6 +150,16 @@ class DPSGDEngine:
         self.model, self.phase, self.dataset = model, phase, dataset
         self.loss_fn, self.hooks, self.device = loss_fn, hooks, device
         self.config = config or EngineConfig()
+        self.sparse_embedding = sparse_embedding
+        noise_multiplier = phase.noise_multiplier
+        if sparse_embedding is not None:
+            if not math.isclose(sparse_embedding.noise.noise_multiplier, phase.noise_multiplier):
+                raise InvalidRequest(
+                    f"the sparse embedding update was planned for σ = "
+                    f"{sparse_embedding.noise.noise_multiplier}, the phase for σ = "
+                    f"{phase.noise_multiplier}; plan both from the same phase"
+                )
+            noise_multiplier = sparse_embedding.gradient_noise_multiplier  # σ_grad
         self.max_grad_norm = float(phase.max_grad_norm)  # C
         self.expected_batch_size = phase.sample_rate * len(dataset)  # q·N, may be fractional
         self.sampler = PoissonSampler(
@@ -162,13 +179,15 @@ class DPSGDEngine:
         optim_cls = get_optimizer_class(clipping="flat", distributed=False, grad_sample_mode=mode)
         self.optimizer = optim_cls(
             optimizer=optimizer,
-            noise_multiplier=phase.noise_multiplier,
+            noise_multiplier=noise_multiplier,
             max_grad_norm=self.max_grad_norm,
             expected_batch_size=self.expected_batch_size,
             loss_reduction="mean",
             generator=self.noise_generator,
             secure_mode=self.config.secure_mode,
         )
+        if sparse_embedding is not None:
+            sparse_embedding.attach(self.optimizer.original_optimizer)
 
     # -- the phase ---------------------------------------------------------------------
 
@@ -200,7 +219,8 @@ class DPSGDEngine:
              "max_grad_norm": self.phase.max_grad_norm,
              "expected_batch_size": self.expected_batch_size,
              "grad_sample_mode": self.config.grad_sample_mode,
-             "physical_batch_size": self.config.physical_batch_size},
+             "physical_batch_size": self.config.physical_batch_size,
+             **self._sparse_embedding_summary()},
         )  # fmt: skip
         try:
             for step in range(resumed_from + 1, last + 1):
@@ -209,6 +229,8 @@ class DPSGDEngine:
                 loss = self._logical_step(indices)
                 state = _advance(state, step, loss, len(indices))
                 metrics = {"batch_size": float(len(indices))}
+                if self.sparse_embedding is not None:  # |S|: a DP quantity
+                    metrics["embedding_rows"] = float(len(self.sparse_embedding.selected))
                 if not math.isnan(loss):  # an empty Poisson batch has no loss (and no NaN)
                     metrics["loss"] = loss
                 self.hooks.after_step(name, step, metrics)
@@ -217,6 +239,8 @@ class DPSGDEngine:
         finally:  # one run per engine: leave a plain HF model behind
             self.optimizer.zero_grad(set_to_none=True)
             self.grad_hooks.cleanup()
+            if self.sparse_embedding is not None:
+                self.sparse_embedding.detach()
         seconds = time.monotonic() - started
         mean_loss = state.loss_sum / state.loss_steps if state.loss_steps else None
         self.hooks.event(
@@ -239,6 +263,8 @@ class DPSGDEngine:
         """One DP-SGD update on the Poisson batch ``indices``; returns its mean loss."""
         opt = self.optimizer
         opt.zero_grad(set_to_none=True)
+        if self.sparse_embedding is not None:  # S of this step, before any backward
+            self.sparse_embedding.begin_step([self.dataset.input_ids[i] for i in indices])
         chunks = split_physical(indices, self.dataset.lengths, self.config.physical_batch_size)
         if not chunks:  # an empty Poisson batch still releases noise: θ -= lr·N(0,σ²C²)/(qN)
             self._step_on_empty_batch()
@@ -277,16 +303,16 @@ class DPSGDEngine:
             states["noise"] = self.noise_generator.get_state()
         if str(self.device).startswith("cuda"):
             states["cuda"] = torch.cuda.get_rng_state(self.device)
+        if self.sparse_embedding is not None:
+            states["sparse_embedding"] = self.sparse_embedding.rng_state()
         return states
 
     def _checkpoint(self, ckpt_dir, state: ResumeState) -> None:
-        folder = save_checkpoint(
+        save_checkpoint(
             ckpt_dir, model=self.model, optimizer=self.optimizer,
             rng_states=self._rng_states(), state=state,
         )  # fmt: skip
-        self.hooks.event(
-            "checkpoint.saved", {"phase": state.phase, "step": state.step, "path": str(folder)}
-        )
+        self.hooks.event("checkpoint.saved", {"phase": state.phase, "step": state.step})
 
     def _resume(self, ckpt_dir) -> ResumeState | None:
         found = find_checkpoint(ckpt_dir)
@@ -309,8 +335,19 @@ class DPSGDEngine:
             self.noise_generator.set_state(rng["noise"])
         if "cuda" in rng and str(self.device).startswith("cuda"):
             torch.cuda.set_rng_state(rng["cuda"], self.device)
+        if "sparse_embedding" in rng and self.sparse_embedding is not None:
+            self.sparse_embedding.set_rng_state(rng["sparse_embedding"])
         log.info("resuming phase %s from step %d (%s)", state.phase, state.step, folder)
         return state
+
+    def _sparse_embedding_summary(self) -> dict:
+        se = self.sparse_embedding
+        if se is None:
+            return {}
+        return {"embedding_mode": se.mode,
+                "gradient_noise_multiplier": se.gradient_noise_multiplier,
+                "selection_noise_multiplier": se.noise.selection_noise_multiplier,
+                "selection_threshold": se.noise.threshold}  # fmt: skip
 
 
 def _advance(state: ResumeState, step: int, loss: float, batch_size: int) -> ResumeState:

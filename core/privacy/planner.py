@@ -7,6 +7,7 @@ against the dataset cap. Pure maths on top of :mod:`core.privacy.accounting`.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 from core.errors import ValidationFailed
 from core.privacy.accounting import (
@@ -156,6 +157,105 @@ def _phase_plan(
         sensitivity=spec.privacy.max_grad_norm if dp_sgd else HISTOGRAM_SENSITIVITY,
         epsilon=compose_epsilon([event], delta=delta, accountant=spec.privacy.accountant),
         batch_size=min(spec.training.batch_size, num_records) if dp_sgd else None,
+    )
+
+
+# -- embedding.mode fest / adafest (DESIGN §2, §8; Ghazi et al. 2023) -------------------------
+#
+# Both run *inside* a DP-SGD phase and are accounted as that phase's ordinary DP-SGD with the
+# planned σ: the plan's σ, q, T and ε do not change with the embedding mode.
+#
+# * fest with public frequencies: a fixed, data-independent set of trainable rows; freezing
+#   the other rows is a choice of trainable parameters, free of privacy cost. Gradient noise σ.
+# * adafest: per step, the selection (noisy per-row contribution counts, L2 sensitivity 1 per
+#   sparse layer) and the gradient (sensitivity C) are Gaussians on the same Poisson batch.
+#   Stacked as one vector [c_1/σ_sel, …, c_L/σ_sel, g/(σ_grad·C)] with unit noise, one example
+#   moves it by at most √(L/σ_sel² + 1/σ_grad²). With
+#       σ_sel = σ·√(1+r²)·√L,  σ_grad = σ·√(1+r²)/r   (r = σ_sel/(√L·σ_grad))
+#   that is √(1/(σ²(1+r²)) + r²/(σ²(1+r²))) = 1/σ: the pair *is* one subsampled Gaussian
+#   with noise multiplier σ, i.e. 1/σ² = 1/(σ_sel/√L)² + 1/σ_grad².
+#   Every trainable parameter (not only the embedding) gets σ_grad, never σ: the gradient
+#   release is the whole clipped gradient.
+DEFAULT_ADAFEST_NOISE_RATIO = 2.0  # r: σ_grad = 1.118·σ (+12 % gradient noise), σ_sel = 2.24·σ
+DEFAULT_ADAFEST_THRESHOLD_SIGMAS = 3.0  # τ = 3·σ_sel: zero-count rows kept w.p. 0.13 % (~41/30,522)
+DEFAULT_FEST_TOP_K = 2048  # SST-2 batches of 256 touch ~1,272 distinct rows (DESIGN §8)
+
+
+@dataclass(frozen=True)
+class EmbeddingNoise:
+    """Noise of a DP-SGD phase with a row-sparse embedding (the engine's inputs).
+
+    Attributes:
+        mode: "fest" or "adafest".
+        noise_multiplier: σ of the plan, the one the phase is accounted with.
+        gradient_noise_multiplier: σ_grad, noise std / C on every trainable coordinate that
+            is updated (σ for fest).
+        selection_noise_multiplier: σ_sel, noise std of each row's contribution count
+            (adafest; None for fest).
+        threshold: τ, a row is selected when its noisy count ≥ τ (adafest).
+        noise_ratio: r = σ_sel/(√L·σ_grad) (adafest).
+        sparse_layers: L, embedding tables with a sparse update (1: the word embedding).
+        fest_top_k: k, trainable rows (fest).
+    """
+
+    mode: str
+    noise_multiplier: float
+    gradient_noise_multiplier: float
+    selection_noise_multiplier: float | None = None
+    threshold: float | None = None
+    noise_ratio: float | None = None
+    sparse_layers: int = 1
+    fest_top_k: int | None = None
+
+
+def adafest_noise_multipliers(
+    *, noise_multiplier: float, noise_ratio: float, sparse_layers: int = 1
+) -> tuple[float, float]:
+    """(σ_sel, σ_grad) whose combination is one Gaussian of noise multiplier σ.
+
+    σ_sel = σ·√(1+r²)·√L and σ_grad = σ·√(1+r²)/r, so 1/(σ_sel/√L)² + 1/σ_grad² = 1/σ²
+    (DESIGN §8, TF-Privacy's DP-AdaFEST). σ = 0 (no noise) gives (0, 0).
+    """
+    if noise_ratio <= 0 or sparse_layers < 1:
+        raise ValueError("noise_ratio must be > 0 and sparse_layers ≥ 1")
+    scale = noise_multiplier * math.sqrt(1.0 + noise_ratio**2)
+    return scale * math.sqrt(sparse_layers), scale / noise_ratio
+
+
+def plan_embedding_noise(
+    spec: JobSpec, noise_multiplier: float, *, sparse_layers: int = 1
+) -> EmbeddingNoise | None:
+    """σ_sel, σ_grad and τ of a phase planned at σ for ``spec.embedding`` (None: dense/frozen).
+
+    The privacy cost is the plan's: see the comment block above. τ defaults to
+    ``DEFAULT_ADAFEST_THRESHOLD_SIGMAS``·σ_sel (public: a function of σ only).
+    """
+    emb = spec.embedding
+    if emb.mode == "fest":
+        return EmbeddingNoise(
+            mode="fest",
+            noise_multiplier=noise_multiplier,
+            gradient_noise_multiplier=noise_multiplier,
+            fest_top_k=emb.fest_top_k or DEFAULT_FEST_TOP_K,
+            sparse_layers=sparse_layers,
+        )
+    if emb.mode != "adafest":
+        return None
+    ratio = emb.adafest_noise_ratio or DEFAULT_ADAFEST_NOISE_RATIO
+    sigma_sel, sigma_grad = adafest_noise_multipliers(
+        noise_multiplier=noise_multiplier, noise_ratio=ratio, sparse_layers=sparse_layers
+    )
+    threshold = emb.adafest_threshold
+    if threshold is None:
+        threshold = DEFAULT_ADAFEST_THRESHOLD_SIGMAS * sigma_sel
+    return EmbeddingNoise(
+        mode="adafest",
+        noise_multiplier=noise_multiplier,
+        gradient_noise_multiplier=sigma_grad,
+        selection_noise_multiplier=sigma_sel,
+        threshold=threshold,
+        noise_ratio=ratio,
+        sparse_layers=sparse_layers,
     )
 
 

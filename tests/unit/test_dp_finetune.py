@@ -84,7 +84,8 @@ def test_classification_runs_the_plan_evaluates_and_saves(tmp_path):
 
     m = result.metrics
     assert hooks.before == [1, 2, 3, 4, 5, 6] and m["steps"] == m["planned_steps"] == 6
-    assert m["pooling"] == "mean" and m["head_learning_rate"] == pytest.approx(0.05)
+    assert m["pooling"] == "mean" and m["head_learning_rate"] == pytest.approx(0.02)
+    assert m["train_body"] is False  # unset train_body: a DP classifier trains its head only
     assert m["sample_rate"] == 0.25 and m["noise_multiplier"] == 0.6
     assert m["expected_batch_size"] == pytest.approx(12.0)
     assert math.isfinite(m["train_loss"]) and "train_loss" in m["non_private_metrics"]
@@ -149,18 +150,21 @@ def test_dp_finetune_learns_a_learnable_task(tmp_path, monkeypatch):
     ctx = _ctx(tmp_path, base="tiny:bert", task="classification", n_train=256, n_eval=128,
                steps=40, batch=64, hooks=hooks, lr=5e-3)  # fmt: skip
     ctx.plan.phases[0].noise_multiplier = 0.3
+    ctx.spec.training.train_body = True  # tiny:bert is randomly initialised: no features to probe
     torch.manual_seed(0)
     ev = load_recipe("dp_finetune")(ctx).metrics["eval"]
     assert ev["predicted_class_share"] < 0.9
     assert ev["accuracy"] > 0.85
 
 
-def test_unsupported_embedding_mode_is_refused_before_any_step(tmp_path):
+def test_invalid_embedding_config_is_refused_before_any_step(tmp_path):
+    """fest/adafest are supported (tests/unit/test_sparse_embedding.py); a FEST row outside
+    the vocabulary is refused before any step is charged."""
     hooks = RecordingHooks(2, tmp_path / "ckpt")
-    extra = {"embedding": {"mode": "adafest"}}
+    extra = {"embedding": {"mode": "fest", "fest_public_rows": [10**6]}}
     ctx = _ctx(tmp_path, base="tiny:bert", task="classification", n_train=8, n_eval=0,
                steps=2, batch=4, hooks=hooks, method_extra=extra)  # fmt: skip
-    with pytest.raises(InvalidRequest, match="embedding.mode"):
+    with pytest.raises(InvalidRequest, match="fest_public_rows"):
         load_recipe("dp_finetune")(ctx)
     assert hooks.charged == 0
 

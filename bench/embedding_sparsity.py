@@ -1,0 +1,169 @@
+"""Embedding sparsity under DP-SGD: dense vs frozen vs FEST vs DP-AdaFEST word embeddings.
+
+MiniLM-L6 (``bundled:minilm-l6``, mean-pooled classifier) fine-tuned by the real
+:func:`core.compress.dp_finetune.run` on the first ``--rows`` SST-2 training rows at each ε,
+evaluated on the SST-2 dev rows (all 872 by default). Every run of one ε shares the plan of
+:func:`core.privacy.planner.plan_job` (σ, q, T: the embedding mode does not change the
+accounting, see :mod:`core.privacy.sparse_embedding`). Reports per run: dev accuracy,
+rows updated per step, embedding-gradient bytes per step vs dense (rows·h·4 vs V·h·4) and
+the reduction factor, seconds per logical step.
+
+FEST's public ranking: token counts on WikiText-2 (public data, read in place from the
+shared folder; not available to production workers) passed as ``fest_public_rows``, i.e.
+the spec path. ``--fest-source tokenizer`` uses the tokenizer-order proxy instead.
+
+    HF_HUB_OFFLINE=1 .venv/bin/python -m bench.embedding_sparsity \
+        [--rows 2048] [--dev-rows 872] [--epsilons 3,8] [--modes dense,frozen,fest,adafest] \
+        [--epochs 3] [--batch-size 256] [--fest-top-k 2048] [--threads 1]
+
+Writes ``bench/results/embedding_sparsity.json`` (or ``--out``). Noise and sampling draw from
+OS entropy like production: one seed per run, expect ±1-2 points between repeats.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import tempfile
+import time
+from pathlib import Path
+
+from bench.dp_finetune_quality import MemoryHooks, sst2_dir
+from bench.dp_overhead import read_sst2
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "bench" / "results" / "embedding_sparsity.json"
+
+
+def wikitext_ranking(top_k: int) -> list[int] | None:
+    """MiniLM row ids ranked by token counts on WikiText-2 (public), or None if absent."""
+    from transformers import AutoTokenizer
+
+    from core.models import bundled
+    from core.privacy.embedding_frequencies import rank_rows_by_public_corpus
+
+    path = sst2_dir().parent / "wikitext-2" / "wiki.valid.tokens"
+    if not path.exists():
+        return None
+    tok = AutoTokenizer.from_pretrained(bundled.minilm_dir())
+    lines = [ln.strip() for ln in path.read_text(encoding="utf-8").splitlines() if ln.strip()]
+    return rank_rows_by_public_corpus(tok, lines, num_rows=len(tok), max_rows=top_k)
+
+
+def run_one(mode: str, epsilon: float, args, train_rows, dev_rows, fest_rows) -> dict:
+    from core.compress import dp_finetune
+    from core.privacy.planner import plan_job
+    from core.recipe_api import DatasetView, JobContext
+    from core.specs import JobSpec
+
+    embedding: dict = {"mode": mode}
+    if mode == "fest":
+        embedding["fest_top_k"] = args.fest_top_k
+        if fest_rows is not None:
+            embedding["fest_public_rows"] = fest_rows
+    if mode == "adafest" and args.adafest_ratio:
+        embedding["adafest_noise_ratio"] = args.adafest_ratio
+    training = {"max_seq_length": args.max_seq_length, "epochs": args.epochs,
+                "batch_size": args.batch_size, "learning_rate": args.lr}  # fmt: skip
+    spec = JobSpec(method="dp_finetune", dataset_id="ds_sst2", eval_dataset_id="ds_dev",
+                   model={"base": args.base}, privacy={"epsilon": epsilon},
+                   training=training, embedding=embedding)  # fmt: skip
+    plan = plan_job(spec, num_records=len(train_rows))
+    phase = plan.phase("train")
+    with tempfile.TemporaryDirectory(prefix="dpc-embsparse-") as tmp:
+        hooks = MemoryHooks(Path(tmp) / "ckpt", phase.steps)
+        ctx = JobContext(
+            job_id=f"bench_{mode}_{epsilon}", spec=spec, plan=plan,
+            train=DatasetView("ds_sst2", "classification", ["0", "1"], train_rows),
+            eval=DatasetView("ds_dev", "classification", ["0", "1"], dev_rows),
+            output_dir=Path(tmp) / "model", work_dir=Path(tmp) / "work", hooks=hooks,
+        )  # fmt: skip
+        started = time.perf_counter()
+        m = dp_finetune.run(ctx).metrics
+        seconds = time.perf_counter() - started
+    emb = m.get("embedding") or {}
+    return {
+        "mode": mode,
+        "epsilon_target": epsilon,
+        "epsilon": plan.epsilon,
+        "noise_multiplier": round(phase.noise_multiplier, 4),
+        "gradient_noise_multiplier": emb.get("gradient_noise_multiplier"),
+        "selection_noise_multiplier": emb.get("selection_noise_multiplier"),
+        "selection_threshold": emb.get("selection_threshold"),
+        "steps": m["steps"],
+        "accuracy": round(m["eval_accuracy"], 4),
+        "predicted_class_share": round(m["eval"]["predicted_class_share"], 4),
+        "rows_updated_per_step": emb.get("rows_updated_per_step"),
+        "embedding_grad_bytes_per_step": emb.get("embedding_grad_bytes_per_step"),
+        "embedding_grad_bytes_dense": emb.get("embedding_grad_bytes_dense"),
+        "embedding_grad_reduction": emb.get("embedding_grad_reduction"),
+        "fest_rows_source": emb.get("fest_rows_source"),
+        "seconds_per_step": m["seconds_per_step"],
+        "train_seconds": m["train_seconds"],
+        "seconds": round(seconds, 1),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rows", type=int, default=2048)
+    parser.add_argument("--dev-rows", type=int, default=10**9)
+    parser.add_argument("--epsilons", default="3,8")
+    parser.add_argument("--modes", default="dense,frozen,fest,adafest")
+    parser.add_argument("--base", default="bundled:minilm-l6")
+    parser.add_argument("--epochs", type=float, default=3)
+    parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument("--lr", type=float, default=1e-4)
+    parser.add_argument("--max-seq-length", type=int, default=64)
+    parser.add_argument("--fest-top-k", type=int, default=2048)
+    parser.add_argument("--fest-source", choices=["wikitext", "tokenizer"], default="wikitext")
+    parser.add_argument("--adafest-ratio", type=float, default=None)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    args = parser.parse_args()
+    if not (sst2_dir() / "train.tsv").exists():
+        print(f"skipped: {sst2_dir() / 'train.tsv'} not found (shared data folder absent)")
+        return
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("DPC_DATA_DIR", str(Path(tempfile.gettempdir()) / "dpc-bench-data"))
+    import torch
+
+    torch.set_num_threads(args.threads)
+    train_rows = read_sst2(sst2_dir() / "train.tsv", args.rows)
+    dev_rows = read_sst2(sst2_dir() / "dev.tsv", args.dev_rows)
+    fest = wikitext_ranking(args.fest_top_k) if args.fest_source == "wikitext" else None
+    results = []
+    for eps in [float(e) for e in args.epsilons.split(",") if e]:
+        for mode in [m.strip() for m in args.modes.split(",") if m.strip()]:
+            results.append(run_one(mode, eps, args, train_rows, dev_rows, fest))
+            print(json.dumps(results[-1]), flush=True)
+    for r in results:  # side-by-side ratios against dense at the same ε
+        dense = next((d for d in results if d["mode"] == "dense"
+                      and d["epsilon_target"] == r["epsilon_target"]), None)  # fmt: skip
+        if dense:
+            r["accuracy_minus_dense"] = round(r["accuracy"] - dense["accuracy"], 4)
+            r["step_time_vs_dense"] = round(r["seconds_per_step"] / dense["seconds_per_step"], 3)
+    report = {
+        "bench": "embedding_sparsity",
+        "model": f"{args.base} (mean-pooled classifier)",
+        "data": f"SST-2 train, first {len(train_rows)} rows; dev {len(dev_rows)} rows",
+        "fest_ranking": "WikiText-2 valid token counts (public)" if fest else "tokenizer order",
+        "config": {**vars(args), "out": str(args.out)},
+        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(),
+                    "load_average_at_end": os.getloadavg()},  # fmt: skip
+        "results": results,
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=2))
+    print(f"\n{'ε':>4} {'mode':>8} {'acc':>6} {'rows/step':>10} {'reduction':>10} {'s/step':>7}")
+    for r in results:
+        print(f"{r['epsilon_target']:>4g} {r['mode']:>8} {r['accuracy']:>6.3f} "
+              f"{r['rows_updated_per_step'] or '-':>10} {r['embedding_grad_reduction'] or '-':>10} "
+              f"{r['seconds_per_step']:>7.3f}")  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
