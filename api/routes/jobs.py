@@ -80,7 +80,7 @@ def _validate_against_data(session, *, tenant_id: str, spec: JobSpec):
     planned_spec = spec.model_copy(deep=True)
     planned_spec.privacy.delta = spec_delta
     plan = plan_job(planned_spec, num_records=ds.num_records,
-                    teacher_precharged=teacher_precharged)
+                    teacher_precharged=teacher_precharged, has_control_codes=bool(ds.controls))
     return ds, plan
 
 

@@ -15,6 +15,10 @@ from core.errors import InvalidRequest
 
 RECIPES: dict[str, str] = {
     "dp_finetune": "core.compress.dp_finetune:run",
+    "dpkd": "core.compress.dpkd:run",
+    "dpimp_structured": "core.compress.dpimp_structured:run",
+    "dpimp_unstructured": "core.compress.dpimp_unstructured:run",
+    "distildp": "core.compress.distildp:run",
 }
 
 

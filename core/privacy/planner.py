@@ -38,7 +38,8 @@ REFERENCE_SEQ_LENGTH = 64
 STARTUP_SECONDS = 30.0  # load the model, tokenise, write the artifact
 
 
-def plan_job(spec: JobSpec, *, num_records: int, teacher_precharged: bool = False) -> PrivacyPlan:
+def plan_job(spec: JobSpec, *, num_records: int, teacher_precharged: bool = False,
+             has_control_codes: bool = True) -> PrivacyPlan:
     """Plan σ of every DP phase of ``spec`` on a dataset of N = ``num_records`` rows.
 
     δ = ``privacy.delta`` or 1/(10·N); q = min(1, batch/N); T = max(1, ⌈epochs·N/batch⌉).
@@ -50,13 +51,15 @@ def plan_job(spec: JobSpec, *, num_records: int, teacher_precharged: bool = Fals
         num_records: N, rows of the training dataset.
         teacher_precharged: dpkd from ``model.base = job:<id>`` whose DP teacher was already
             charged by that job: only the student phase is planned.
+        has_control_codes: distildp on a dataset with control codes releases their DP
+            histogram; without codes there is no histogram phase and the teacher gets all ε.
 
     Raises:
         ValidationFailed: δ ≥ 1/N, or an empty dataset.
         InvalidRequest: the target ε is unreachable.
     """
     delta = _resolve_delta(spec.privacy.delta, num_records)
-    names, shapes, shares = _phases(spec, num_records, teacher_precharged)
+    names, shapes, shares = _phases(spec, num_records, teacher_precharged, has_control_codes)
     accountant = spec.privacy.accountant
     sigmas = plan_noise_split(
         epsilon=spec.privacy.epsilon,
@@ -125,7 +128,7 @@ def _resolve_delta(delta: float | None, num_records: int) -> float:
 
 
 def _phases(
-    spec: JobSpec, num_records: int, teacher_precharged: bool
+    spec: JobSpec, num_records: int, teacher_precharged: bool, has_control_codes: bool
 ) -> tuple[list[str], list[PhaseShape], list[float]]:
     """Names, shapes and ε shares of the job's DP phases."""
     q, steps = sample_rate_and_steps(spec, num_records)
@@ -136,6 +139,8 @@ def _phases(
             return ["student"], [dp_sgd], [1.0]
         teacher = split or DPKD_TEACHER_SHARE
         return ["teacher", "student"], [dp_sgd, dp_sgd], [teacher, 1 - teacher]
+    if spec.method == "distildp" and not has_control_codes:
+        return ["teacher"], [dp_sgd], [1.0]
     if spec.method == "distildp":
         teacher = split or DISTILDP_TEACHER_SHARE
         histogram = PhaseShape("gaussian", 1.0, 1)

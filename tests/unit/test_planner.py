@@ -154,3 +154,14 @@ def test_estimate_seconds_scales_with_work():
     assert estimate_seconds(
         make_spec("distildp", base="bundled:smollm2-135m"), 2_000
     ) > estimate_seconds(make_spec("distildp", base="tiny:llama"), 2_000)
+
+
+def test_distildp_without_control_codes_plans_no_histogram():
+    spec = JobSpec.model_validate({"method": "distildp", "dataset_id": "ds_x",
+                                   "privacy": {"epsilon": 4.0}})
+    with_codes = plan_job(spec, num_records=2000)
+    without = plan_job(spec, num_records=2000, has_control_codes=False)
+    assert [p.name for p in with_codes.phases] == ["teacher", "histogram"]
+    assert [p.name for p in without.phases] == ["teacher"]
+    # the teacher gets the whole ε: less noise than when sharing with the histogram
+    assert without.phases[0].noise_multiplier < with_codes.phase("teacher").noise_multiplier
