@@ -138,9 +138,9 @@ def test_rdp_plan_reports_the_rdp_accountant():
     [("dp_finetune", 2.5, 5), ("dpkd", 2.5, 5), ("distildp", 2.5, 5)],
 )
 def test_planning_is_fast_on_sst2(method, epsilon, limit):
-    start = time.perf_counter()
+    start = time.process_time()  # CPU seconds: a busy machine must not fail the test
     plan = plan_job(make_spec(method, epsilon=epsilon), num_records=67_349)
-    assert time.perf_counter() - start < limit
+    assert time.process_time() - start < limit
     check_within_target(plan, epsilon)
 
 
