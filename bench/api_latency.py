@@ -76,7 +76,7 @@ def run_mode(mode: str, clients: int, seconds: float) -> dict:
             stack.start_worker()
             with stack.client() as c:
                 ds = upload_reviews(c, n=512)
-                job = submit(c, tiny_spec(ds["id"], epochs=200, batch_size=32, epsilon=8))
+                job = submit(c, tiny_spec(ds["id"], epochs=100, batch_size=16, epsilon=8))
                 wait_for(c, job["id"], {"running"}, timeout=120,
                          predicate=lambda j: j["progress"]["step"] >= 2)
                 result = asyncio.run(_load(stack.url, stack.api_key, f"/v1/jobs/{job['id']}",

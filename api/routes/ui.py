@@ -75,10 +75,10 @@ def _request_key(request: Request) -> str | None:
     return value.strip() if scheme.lower() == "bearer" and value.strip() else None
 
 
-def ui_tenant(request: Request) -> str | None:
+def ui_tenant(request: Request, session) -> str | None:
     """The tenant of the cookie's (or header's) key; None when absent or revoked."""
     key = _request_key(request)
-    return tenant_of_key(key) if key else None
+    return tenant_of_key(key, session) if key else None
 
 
 def _safe_next(target: str | None) -> str:
@@ -98,8 +98,9 @@ def _not_found(message: str) -> HTMLResponse:
 
 
 @router.get("")
-def home(request: Request) -> Response:
-    return RedirectResponse("/ui/jobs" if ui_tenant(request) else "/ui/login", status_code=303)
+def home(request: Request, session: ReadSession) -> Response:
+    target = "/ui/jobs" if ui_tenant(request, session) else "/ui/login"
+    return RedirectResponse(target, status_code=303)
 
 
 @router.get("/login")
@@ -110,11 +111,12 @@ def login_form(request: Request, next: str | None = None) -> HTMLResponse:
 @router.post("/login")
 def login(
     request: Request,
+    session: ReadSession,
     api_key: Annotated[str, Form(max_length=500)] = "",
     next: Annotated[str, Form(max_length=2000)] = "/ui/jobs",
 ) -> Response:
     key = api_key.strip()
-    if not key or tenant_of_key(key) is None:
+    if not key or tenant_of_key(key, session) is None:
         return render(
             "login.html",
             status_code=401,
@@ -144,7 +146,7 @@ def logout() -> Response:
 
 @router.get("/datasets")
 def datasets_page(request: Request, session: ReadSession, after: str | None = None) -> Response:
-    tenant_id = ui_tenant(request)
+    tenant_id = ui_tenant(request, session)
     if tenant_id is None:
         return _to_login(request)
     try:
@@ -182,7 +184,7 @@ def jobs_page(
     dataset_id: str | None = None,
     after: str | None = None,
 ) -> Response:
-    tenant_id = ui_tenant(request)
+    tenant_id = ui_tenant(request, session)
     if tenant_id is None:
         return _to_login(request)
     status = status if status in states.STATUSES else None
@@ -243,7 +245,7 @@ def _all_events(session, *, job_id: str) -> list:
 
 @router.get("/jobs/{job_id}")
 def job_page(job_id: str, request: Request, session: ReadSession) -> Response:
-    tenant_id = ui_tenant(request)
+    tenant_id = ui_tenant(request, session)
     if tenant_id is None:
         return _to_login(request)
     try:
@@ -296,7 +298,7 @@ def job_page(job_id: str, request: Request, session: ReadSession) -> Response:
 
 @router.get("/jobs/{job_id}/artifacts/{name}")
 def artifact_download(job_id: str, name: str, request: Request, session: ReadSession) -> Response:
-    tenant_id = ui_tenant(request)
+    tenant_id = ui_tenant(request, session)
     if tenant_id is None:
         return _to_login(request)
     try:

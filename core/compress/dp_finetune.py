@@ -151,7 +151,8 @@ def run(ctx: JobContext) -> RecipeResult:
         "trainable_parameters": sum(p.numel() for p in body + head),
         "non_private_metrics": ["train_loss", "samples_seen"],
         "embedding_mode": (  # fest/adafest on a frozen (tied) embedding run as "frozen"
-            "frozen" if spec.embedding.mode in ("fest", "adafest") and sparse is None
+            "frozen"
+            if spec.embedding.mode in ("fest", "adafest") and sparse is None
             else spec.embedding.mode
         ),
         "seconds_per_step": (

@@ -26,16 +26,20 @@ def use_connection_pool(enabled: bool) -> None:
     _factory.cache_clear()
 
 
+# More connections than the API's threadpool (40 threads): a sync route holds its
+# session's connection until FastAPI has validated the response, which itself waits
+# for a threadpool slot; with fewer connections than threads that can deadlock.
+POOL = {"pool_size": 20, "max_overflow": 30}
+
+
 def make_engine(url: str) -> Engine:
-    pooled = _pooling["enabled"]
+    pool = POOL if _pooling["enabled"] else {"poolclass": NullPool}
     if url.startswith("sqlite"):
         engine = create_engine(url, connect_args={"timeout": 30, "check_same_thread": False},
-                               **({} if pooled else {"poolclass": NullPool}))
+                               **pool)
         _install_sqlite_hooks(engine)
         return engine
-    if not pooled:
-        return create_engine(url, poolclass=NullPool)
-    return create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=20)
+    return create_engine(url, pool_pre_ping=_pooling["enabled"], **pool)
 
 
 def _install_sqlite_hooks(engine: Engine) -> None:
