@@ -21,6 +21,7 @@ from typing import cast
 
 import torch
 
+from core.compress.report import evaluate_on_eval_set
 from core.data import encode_dataset
 from core.errors import InvalidRequest
 from core.models import load_model, load_snippet, save_model, split_trainable
@@ -29,12 +30,10 @@ from core.privacy.embedding_frequencies import fest_rows
 from core.privacy.engine import DPSGDEngine, EngineConfig
 from core.privacy.planner import plan_embedding_noise
 from core.privacy.sparse_embedding import SparseEmbeddingUpdate
-from core.recipe_api import DatasetView, JobContext, RecipeResult
+from core.recipe_api import JobContext, RecipeResult
 from core.training.losses import (
     causal_lm_loss_per_example,
     classification_loss_per_example,
-    evaluate_classifier,
-    evaluate_perplexity,
 )
 
 PHASE = "train"
@@ -119,9 +118,7 @@ def run(ctx: JobContext) -> RecipeResult:
     model.eval()
 
     # 5. evaluation on the user's separate eval dataset (non-private, flagged)
-    eval_metrics = None
-    if ctx.eval is not None:
-        eval_metrics = _evaluate(ctx, ctx.eval, model, tokenizer, uses_token_type_ids)
+    eval_metrics = evaluate_on_eval_set(ctx, model, tokenizer)
 
     # 6. the artifact: a plain HF folder (no Opacus prefixes) + tokenizer
     save_model(model.cpu(), tokenizer, ctx.output_dir)
@@ -182,30 +179,6 @@ def run(ctx: JobContext) -> RecipeResult:
         "load": load_snippet(task, loaded.pooling),
     }
     return RecipeResult(metrics=metrics, model_card_extra=card)
-
-
-def _evaluate(
-    ctx: JobContext, eval_view: DatasetView, model, tokenizer, uses_token_type_ids: bool
-) -> dict:
-    """Accuracy (classification) or perplexity (causal LM) on the user's eval dataset."""
-    task, training = ctx.train.task, ctx.spec.training
-    rows = encode_dataset(
-        eval_view, tokenizer, task=task, max_seq_length=training.max_seq_length,
-        labels=ctx.train.labels if task == "classification" else None,
-        uses_token_type_ids=uses_token_type_ids,
-    )  # fmt: skip
-    out = {"dataset_id": eval_view.id, "num_records": len(rows), "non_private_evaluation": True}
-    if task == "classification":
-        out.update(evaluate_classifier(model, rows, device=ctx.device))
-        if out["predicted_class_share"] == 1.0 and len(set(rows.labels or [])) > 1:
-            ctx.hooks.event(
-                "eval.degenerate",
-                {"message": "the model predicts a single class on the eval set: DP training "
-                 "did not learn; raise the head lr, epochs, batch size or ε"},
-            )  # fmt: skip
-    else:
-        out["perplexity"] = evaluate_perplexity(model, rows, device=ctx.device)
-    return out
 
 
 def _setup_sparse_embedding(
