@@ -44,7 +44,12 @@ from core.compress.causal_distill import (
 )
 from core.compress.distill import evenly_spaced_layers
 from core.compress.pruning import encoder_anatomy
-from core.compress.report import compression_report, eval_metrics, evaluate_on_eval_set
+from core.compress.report import (
+    compression_report,
+    eval_metrics,
+    evaluate_on_eval_set,
+    phase_run_metrics,
+)
 from core.compress.synthetic import (
     GENERATION_BATCH_SIZE,
     NoisyHistogram,
@@ -56,7 +61,7 @@ from core.compress.synthetic import (
 from core.data import encode_dataset
 from core.errors import InvalidRequest
 from core.models import load_model, load_snippet, save_model, split_trainable
-from core.privacy.engine import DPSGDEngine, EngineConfig, PhaseResult
+from core.privacy.engine import DPSGDEngine, EngineConfig
 from core.recipe_api import JobContext, RecipeResult
 from core.specs import DistillSpec
 from core.training.losses import causal_lm_loss_per_example
@@ -225,7 +230,7 @@ def train_dp_teacher(ctx: JobContext, teacher, tokenizer) -> dict:
         device=ctx.device,
     )  # fmt: skip
     result = engine.run()
-    metrics = _phase_metrics(result, planned=ctx.plan.phase(TEACHER).steps)
+    metrics = phase_run_metrics(result, planned=ctx.plan.phase(TEACHER).steps)
     folder.mkdir(parents=True, exist_ok=True)
     save_safetensors(teacher, str(folder / TEACHER_WEIGHTS))
     tmp = folder / f".{TEACHER_DONE}.tmp"
@@ -311,16 +316,6 @@ def _student_progress(ctx: JobContext, step: int, total: int, metrics: dict) -> 
         ctx.hooks.event("student.progress", {"step": step, "total_steps": total, **metrics})
 
 
-def _phase_metrics(result: PhaseResult, *, planned: int) -> dict:
-    return {
-        "steps": result.last_step,
-        "planned_steps": planned,
-        "steps_run_this_attempt": result.steps_run,
-        "resumed_from_step": result.resumed_from,
-        "train_loss": result.train_loss,
-        "samples_seen": result.samples_seen,
-        "train_seconds": round(result.seconds, 3),
-    }
 
 
 def _checkpoint_every() -> int:

@@ -21,7 +21,7 @@ from typing import cast
 
 import torch
 
-from core.compress.report import evaluate_on_eval_set
+from core.compress.report import evaluate_on_eval_set, phase_run_metrics
 from core.data import encode_dataset
 from core.errors import InvalidRequest
 from core.models import load_model, load_snippet, save_model, split_trainable
@@ -126,13 +126,7 @@ def run(ctx: JobContext) -> RecipeResult:
     metrics = {
         "task": task,
         "phase": PHASE,
-        "steps": result.last_step,
-        "planned_steps": phase.steps,
-        "steps_run_this_attempt": result.steps_run,
-        "resumed_from_step": result.resumed_from,
-        "train_loss": result.train_loss,
-        "samples_seen": result.samples_seen,
-        "train_seconds": round(result.seconds, 3),
+        **phase_run_metrics(result, planned=phase.steps),
         "samples_per_second": (  # of this attempt
             round(result.samples_this_attempt / result.seconds, 3) if result.seconds else None
         ),

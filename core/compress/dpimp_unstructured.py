@@ -41,7 +41,12 @@ from core.compress.pruning import (
     sparsity_in_force,
     zero_optimizer_state,
 )
-from core.compress.report import compression_report, eval_metrics, evaluate_on_eval_set
+from core.compress.report import (
+    compression_report,
+    eval_metrics,
+    evaluate_on_eval_set,
+    phase_run_metrics,
+)
 from core.compress.sparse_format import SPARSE_FILE, sparsify_folder
 from core.data import encode_dataset
 from core.errors import InvalidRequest
@@ -202,13 +207,7 @@ def run(ctx: JobContext) -> RecipeResult:
     metrics = {
         "task": task,
         "phase": PHASE,
-        "steps": result.last_step,
-        "planned_steps": phase.steps,
-        "steps_run_this_attempt": result.steps_run,
-        "resumed_from_step": result.resumed_from,
-        "train_loss": result.train_loss,
-        "samples_seen": result.samples_seen,
-        "train_seconds": round(result.seconds, 3),
+        **phase_run_metrics(result, planned=phase.steps),
         "sample_rate": phase.sample_rate,
         "noise_multiplier": phase.noise_multiplier,
         "max_grad_norm": phase.max_grad_norm,

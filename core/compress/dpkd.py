@@ -36,7 +36,12 @@ from torch import nn
 
 from core.compress.distill import build_student, evenly_spaced_layers, make_kd_loss
 from core.compress.pruning import encoder_anatomy
-from core.compress.report import compression_report, eval_metrics, evaluate_on_eval_set
+from core.compress.report import (
+    compression_report,
+    eval_metrics,
+    evaluate_on_eval_set,
+    phase_run_metrics,
+)
 from core.data import encode_dataset
 from core.errors import InvalidRequest
 from core.models import (
@@ -103,7 +108,7 @@ def run(ctx: JobContext) -> RecipeResult:
             else causal_lm_loss_per_example,
             train_body=training.body_trained(task != "classification"),
         )  # fmt: skip
-        teacher_metrics = _phase_metrics(result)
+        teacher_metrics = phase_run_metrics(result)
         _save_teacher(teacher, teacher_dir, teacher_metrics)
         teacher_source = "DP-SGD fine-tuned base (phase teacher)"
     teacher.to(ctx.device).eval()
@@ -136,7 +141,7 @@ def run(ctx: JobContext) -> RecipeResult:
         "task": task,
         "phases": {
             TEACHER: teacher_metrics,
-            STUDENT: _phase_metrics(student_result),
+            STUDENT: phase_run_metrics(student_result),
         },
         "steps": student_result.last_step,
         "planned_steps": student_phase.steps,
@@ -207,15 +212,6 @@ def _save_teacher(teacher, folder: Path, metrics: dict) -> None:
     tmp.replace(folder / TEACHER_DONE)
 
 
-def _phase_metrics(result: PhaseResult) -> dict:
-    return {
-        "steps": result.last_step,
-        "steps_run_this_attempt": result.steps_run,
-        "resumed_from_step": result.resumed_from,
-        "train_loss": result.train_loss,
-        "samples_seen": result.samples_seen,
-        "train_seconds": round(result.seconds, 3),
-    }
 
 
 def _checkpoint_every() -> int:

@@ -146,6 +146,22 @@ def evaluate_on_eval_set(ctx: JobContext, model: nn.Module, tokenizer: Any) -> d
     return out
 
 
+def phase_run_metrics(result: Any, *, planned: int | None = None) -> dict[str, Any]:
+    """Steps, resume point, loss and timing of one DP phase (an engine ``PhaseResult``);
+    ``planned_steps`` when ``planned`` is given."""
+    out: dict[str, Any] = {"steps": result.last_step}
+    if planned is not None:
+        out["planned_steps"] = planned
+    out.update({
+        "steps_run_this_attempt": result.steps_run,
+        "resumed_from_step": result.resumed_from,
+        "train_loss": result.train_loss,
+        "samples_seen": result.samples_seen,
+        "train_seconds": round(result.seconds, 3),
+    })  # fmt: skip
+    return out
+
+
 def eval_metrics(evaluation: dict | None, prefix: str = "eval") -> dict[str, Any]:
     """``{"eval": {...}, "eval_accuracy": ...}`` flat copies for the model card."""
     if evaluation is None:

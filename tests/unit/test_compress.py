@@ -33,23 +33,9 @@ from core.privacy.planner import plan_job
 from core.recipe_api import JobContext
 from core.specs import JobSpec
 from core.training.losses import MODEL_INPUTS
-from tests.unit.torch_fakes import model_cache_dir, single_torch_thread, text_rows, view
+from tests.unit.torch_fakes import model_cache_dir, text_rows, view
 
-
-@pytest.fixture(autouse=True)
-def _settings(monkeypatch):
-    from core.settings import get_settings
-
-    monkeypatch.setenv("DPC_DATA_DIR", str(model_cache_dir().parent))
-    monkeypatch.setenv("DPC_CHECKPOINT_EVERY_STEPS", "2")
-    get_settings.cache_clear()
-    yield
-    get_settings.cache_clear()
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    yield from single_torch_thread()
+pytestmark = pytest.mark.usefixtures("recipe_settings", "one_torch_thread")
 
 
 class PhaseHooks:

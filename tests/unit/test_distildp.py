@@ -32,25 +32,12 @@ from core.models import load_model
 from core.privacy.plan import PhasePlan, PrivacyPlan
 from core.recipe_api import DatasetView, JobContext
 from core.specs import JobSpec
-from tests.unit.torch_fakes import model_cache_dir, single_torch_thread, text_rows
+from tests.unit.torch_fakes import model_cache_dir, text_rows
 
 TEACHER_STEPS = 3
 
 
-@pytest.fixture(autouse=True)
-def _settings(monkeypatch):
-    from core.settings import get_settings
-
-    monkeypatch.setenv("DPC_DATA_DIR", str(model_cache_dir().parent))
-    monkeypatch.setenv("DPC_CHECKPOINT_EVERY_STEPS", "2")
-    get_settings.cache_clear()
-    yield
-    get_settings.cache_clear()
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    yield from single_torch_thread()
+pytestmark = pytest.mark.usefixtures("recipe_settings", "one_torch_thread")
 
 
 class GuardedRows(list):

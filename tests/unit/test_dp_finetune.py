@@ -22,30 +22,12 @@ from core.training.losses import evaluate_classifier
 from tests.unit.torch_fakes import (
     RecordingHooks,
     dp_phase,
-    model_cache_dir,
     plan_of,
-    single_torch_thread,
     text_rows,
     view,
 )
 
-
-@pytest.fixture(autouse=True)
-def _settings(monkeypatch):
-    """The recipe reads core.settings: model cache under the shared test data dir,
-    checkpoints every 2 steps."""
-    from core.settings import get_settings
-
-    monkeypatch.setenv("DPC_DATA_DIR", str(model_cache_dir().parent))
-    monkeypatch.setenv("DPC_CHECKPOINT_EVERY_STEPS", "2")
-    get_settings.cache_clear()
-    yield
-    get_settings.cache_clear()
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    yield from single_torch_thread()
+pytestmark = pytest.mark.usefixtures("recipe_settings", "one_torch_thread")
 
 
 def _ctx(tmp_path, *, base, task, n_train, n_eval, steps, batch, hooks, method_extra=None, lr=5e-4):

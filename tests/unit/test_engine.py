@@ -19,15 +19,11 @@ from tests.unit.torch_fakes import (
     RecordingHooks,
     dp_phase,
     model_cache_dir,
-    single_torch_thread,
     text_rows,
     view,
 )
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    yield from single_torch_thread()
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _tiny_bert(seed: int = 0, dropout: bool = False) -> tuple[nn.Module, object]:

@@ -37,26 +37,11 @@ from tests.unit.torch_fakes import (
     dp_phase,
     model_cache_dir,
     plan_of,
-    single_torch_thread,
     text_rows,
     view,
 )
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    yield from single_torch_thread()
-
-
-@pytest.fixture(autouse=True)
-def _settings(monkeypatch):
-    from core.settings import get_settings
-
-    monkeypatch.setenv("DPC_DATA_DIR", str(model_cache_dir().parent))
-    monkeypatch.setenv("DPC_CHECKPOINT_EVERY_STEPS", "2")
-    get_settings.cache_clear()
-    yield
-    get_settings.cache_clear()
+pytestmark = pytest.mark.usefixtures("recipe_settings", "one_torch_thread")
 
 
 # -- accounting ---------------------------------------------------------------------------
