@@ -2,7 +2,10 @@
 
 MiniLM-L6 (``bundled:minilm-l6``, mean-pooled classifier) fine-tuned by the real
 :func:`core.compress.dp_finetune.run` on the first ``--rows`` SST-2 training rows at each ε,
-evaluated on the SST-2 dev rows (all 872 by default). Every run of one ε shares the plan of
+evaluated on the SST-2 dev rows (all 872 by default). The classifier trains its head and,
+in every mode but ``frozen``, the word embedding (densely, FEST rows, or AdaFEST rows); the
+rest of the body stays frozen, so the modes differ only in how the embedding is trained.
+Every run of one ε shares the plan of
 :func:`core.privacy.planner.plan_job` (σ, q, T: the embedding mode does not change the
 accounting, see :mod:`core.privacy.sparse_embedding`). Reports per run: dev accuracy,
 rows updated per step, embedding-gradient bytes per step vs dense (rows·h·4 vs V·h·4) and
@@ -14,10 +17,11 @@ the spec path. ``--fest-source tokenizer`` uses the tokenizer-order proxy instea
 
     HF_HUB_OFFLINE=1 .venv/bin/python -m bench.embedding_sparsity \
         [--rows 2048] [--dev-rows 872] [--epsilons 3,8] [--modes dense,frozen,fest,adafest] \
-        [--epochs 3] [--batch-size 256] [--fest-top-k 2048] [--threads 1]
+        [--epochs 3] [--batch-size 256] [--fest-top-k 2048] [--threads 1] [--repeats 3]
 
 Writes ``bench/results/embedding_sparsity.json`` (or ``--out``). Noise and sampling draw from
-OS entropy like production: one seed per run, expect ±1-2 points between repeats.
+OS entropy like production (±1-2 points between runs), so every (ε, mode) runs ``--repeats``
+times and the summary compares mean accuracies.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ import argparse
 import json
 import os
 import platform
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -52,7 +57,7 @@ def wikitext_ranking(top_k: int) -> list[int] | None:
     return rank_rows_by_public_corpus(tok, lines, num_rows=len(tok), max_rows=top_k)
 
 
-def run_one(mode: str, epsilon: float, args, train_rows, dev_rows, fest_rows) -> dict:
+def run_one(mode: str, epsilon: float, repeat: int, args, train_rows, dev_rows, fest_rows) -> dict:
     from core.compress import dp_finetune
     from core.privacy.planner import plan_job
     from core.recipe_api import DatasetView, JobContext
@@ -86,12 +91,14 @@ def run_one(mode: str, epsilon: float, args, train_rows, dev_rows, fest_rows) ->
     emb = m.get("embedding") or {}
     return {
         "mode": mode,
+        "repeat": repeat,
         "epsilon_target": epsilon,
         "epsilon": plan.epsilon,
         "noise_multiplier": round(phase.noise_multiplier, 4),
         "gradient_noise_multiplier": emb.get("gradient_noise_multiplier"),
         "selection_noise_multiplier": emb.get("selection_noise_multiplier"),
         "selection_threshold": emb.get("selection_threshold"),
+        "embedding_mode_run": m["embedding_mode"],
         "steps": m["steps"],
         "accuracy": round(m["eval_accuracy"], 4),
         "predicted_class_share": round(m["eval"]["predicted_class_share"], 4),
@@ -121,6 +128,7 @@ def main() -> None:
     parser.add_argument("--fest-source", choices=["wikitext", "tokenizer"], default="wikitext")
     parser.add_argument("--adafest-ratio", type=float, default=None)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
     if not (sst2_dir() / "train.tsv").exists():
@@ -136,16 +144,13 @@ def main() -> None:
     dev_rows = read_sst2(sst2_dir() / "dev.tsv", args.dev_rows)
     fest = wikitext_ranking(args.fest_top_k) if args.fest_source == "wikitext" else None
     results = []
+    modes = [m.strip() for m in args.modes.split(",") if m.strip()]
     for eps in [float(e) for e in args.epsilons.split(",") if e]:
-        for mode in [m.strip() for m in args.modes.split(",") if m.strip()]:
-            results.append(run_one(mode, eps, args, train_rows, dev_rows, fest))
-            print(json.dumps(results[-1]), flush=True)
-    for r in results:  # side-by-side ratios against dense at the same ε
-        dense = next((d for d in results if d["mode"] == "dense"
-                      and d["epsilon_target"] == r["epsilon_target"]), None)  # fmt: skip
-        if dense:
-            r["accuracy_minus_dense"] = round(r["accuracy"] - dense["accuracy"], 4)
-            r["step_time_vs_dense"] = round(r["seconds_per_step"] / dense["seconds_per_step"], 3)
+        for repeat in range(args.repeats):  # interleaved: load drift hits every mode alike
+            for mode in modes:
+                results.append(run_one(mode, eps, repeat, args, train_rows, dev_rows, fest))
+                print(json.dumps(results[-1]), flush=True)
+    summary = summarize(results)
     report = {
         "bench": "embedding_sparsity",
         "model": f"{args.base} (mean-pooled classifier)",
@@ -154,15 +159,51 @@ def main() -> None:
         "config": {**vars(args), "out": str(args.out)},
         "machine": {"platform": platform.platform(), "cpus": os.cpu_count(),
                     "load_average_at_end": os.getloadavg()},  # fmt: skip
+        "summary": summary,
         "results": results,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2))
-    print(f"\n{'ε':>4} {'mode':>8} {'acc':>6} {'rows/step':>10} {'reduction':>10} {'s/step':>7}")
-    for r in results:
-        print(f"{r['epsilon_target']:>4g} {r['mode']:>8} {r['accuracy']:>6.3f} "
-              f"{r['rows_updated_per_step'] or '-':>10} {r['embedding_grad_reduction'] or '-':>10} "
+    print(f"\n{'ε':>4} {'mode':>8} {'acc mean':>9} {'sd':>6} {'vs dense':>9} {'vs frozen':>10} "
+          f"{'rows/step':>10} {'reduction':>10} {'s/step':>7}")  # fmt: skip
+    for r in summary:
+        print(f"{r['epsilon_target']:>4g} {r['mode']:>8} {r['accuracy_mean']:>9.4f} "
+              f"{r['accuracy_sd']:>6.4f} {r.get('accuracy_minus_dense', '-'):>9} "
+              f"{r.get('accuracy_minus_frozen', '-'):>10} {r['rows_updated_per_step'] or '-':>10} "
+              f"{r['embedding_grad_reduction'] or '-':>10} "
               f"{r['seconds_per_step']:>7.3f}")  # fmt: skip
+
+
+def summarize(results: list[dict]) -> list[dict]:
+    """Per (ε, mode): mean and sd of accuracy over repeats, differences to dense and frozen."""
+    def mean(rs, key):
+        values = [r[key] for r in rs if r[key] is not None]
+        return round(statistics.fmean(values), 4) if values else None
+
+    groups: dict[tuple, list[dict]] = {}
+    for r in results:
+        groups.setdefault((r["epsilon_target"], r["mode"]), []).append(r)
+    summary = []
+    for (eps, mode), rs in groups.items():
+        accs = [r["accuracy"] for r in rs]
+        summary.append({
+            "epsilon_target": eps, "mode": mode, "runs": len(rs),
+            "accuracy_mean": round(statistics.fmean(accs), 4),
+            "accuracy_sd": round(statistics.stdev(accs), 4) if len(accs) > 1 else 0.0,
+            "accuracies": accs,
+            "rows_updated_per_step": mean(rs, "rows_updated_per_step"),
+            "embedding_grad_reduction": mean(rs, "embedding_grad_reduction"),
+            "seconds_per_step": mean(rs, "seconds_per_step"),
+        })  # fmt: skip
+    for s in summary:
+        for ref in ("dense", "frozen"):
+            base = next((b for b in summary if b["mode"] == ref
+                         and b["epsilon_target"] == s["epsilon_target"]), None)  # fmt: skip
+            if base:
+                s[f"accuracy_minus_{ref}"] = round(s["accuracy_mean"] - base["accuracy_mean"], 4)
+                ratio = s["seconds_per_step"] / base["seconds_per_step"]
+                s[f"step_time_vs_{ref}"] = round(ratio, 3)
+    return summary
 
 
 if __name__ == "__main__":

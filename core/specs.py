@@ -80,7 +80,8 @@ class TrainingSpec(_Strict):
     seed: int = Field(0, ge=0)
     train_body: bool | None = Field(
         None, description="train the pretrained body with the head; False trains only the "
-        "head (and embeddings per embedding.mode). Unset: the method's default — dp_finetune "
+        "head (and the word embedding when embedding.mode is set). Unset: the method's "
+        "default — dp_finetune "
         "of a classifier trains only the head (measured best under DP on SST-2 at ε 3-8, "
         "bench/dp_finetune_quality.py); every other case trains the body")
     grad_sample_mode: Literal["ghost", "hooks"] = Field(
@@ -103,7 +104,11 @@ class SyntheticSpec(_Strict):
 
 
 class EmbeddingSpec(_Strict):
-    mode: Literal["dense", "frozen", "fest", "adafest"] = "dense"
+    mode: Literal["dense", "frozen", "fest", "adafest"] | None = Field(
+        None, description="the word embedding: dense (every row trained), frozen, fest (a "
+        "fixed top-k of rows by public frequency) or adafest (rows selected per step with "
+        "DP). Set, it applies even when training.train_body=false (a classifier then trains "
+        "its head and the word embedding). Unset: the embedding follows the body")
     fest_top_k: int | None = Field(None, ge=1)
     adafest_threshold: float | None = Field(None, ge=0)
     adafest_noise_ratio: float | None = Field(None, gt=0)
@@ -111,6 +116,14 @@ class EmbeddingSpec(_Strict):
         None, max_length=1_000_000, description="fest: embedding row ids ranked by a PUBLIC "
         "frequency (most frequent first); the first fest_top_k are trained. Default: the "
         "tokenizer-order proxy (see core.privacy.embedding_frequencies)")
+
+    def trained(self, body_trained: bool) -> bool:
+        """Whether the word embedding is trainable, given whether the body is."""
+        return body_trained if self.mode is None else self.mode != "frozen"
+
+    def effective_mode(self, body_trained: bool) -> str:
+        """The mode that runs: "frozen" when the embedding is not trained, else the mode."""
+        return (self.mode or "dense") if self.trained(body_trained) else "frozen"
 
 
 class JobSpec(_Strict):

@@ -215,9 +215,10 @@ def train_dp_teacher(ctx: JobContext, teacher, tokenizer) -> dict:
     private_rows = encode_dataset(
         ctx.train, tokenizer, task="causal_lm", max_seq_length=training.max_seq_length
     )  # "[code] text" + EOS, as core.data.format_causal_text writes it
+    train_body = training.body_trained()
     body, _ = split_trainable(
-        teacher, train_body=training.body_trained(),
-        freeze_embeddings=spec.embedding.mode == "frozen",
+        teacher, train_body=train_body,
+        train_embeddings=spec.embedding.trained(train_body),
     )  # fmt: skip
     engine = DPSGDEngine(
         model=teacher,

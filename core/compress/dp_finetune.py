@@ -6,7 +6,9 @@ The baseline of every method (Mireshghallah et al. 2022; Abadi et al. 2016, Alg.
     2. tokenise the private rows
     3. optimizer with per-group learning rates (fresh head ≫ pretrained body)
     4. DP-SGD for exactly the planned steps of phase "train" (q, σ, C from the plan);
-       with ``embedding.mode`` fest/adafest only selected word-embedding rows are updated
+       with ``embedding.mode`` fest/adafest only selected word-embedding rows are updated;
+       a classifier trains its head only, plus the word embedding when ``embedding.mode``
+       is set
     5. evaluate on the user's eval dataset, if named (non-private evaluation)
     6. save an HF folder + tokenizer into ``ctx.output_dir``
 
@@ -45,7 +47,6 @@ HEAD_LR = 2e-2
 # 16,384 rows, ε = 8): head only 79.6 % (= the non-private head-only run, 79.2 %); training
 # the body too under DP lost 4-25 points (body lr 1e-5..5e-4, batch 256..1024).
 TRAIN_BODY_CLASSIFICATION = False
-SPARSE = ("fest", "adafest")
 
 
 def default_head_learning_rate(learning_rate: float) -> float:
@@ -81,11 +82,9 @@ def run(ctx: JobContext) -> RecipeResult:
     )  # fmt: skip
 
     # 3. per-group learning rates: pretrained body vs freshly initialised head
-    train_body = training.body_trained(  # sparse embedding modes need a trainable embedding
-        TRAIN_BODY_CLASSIFICATION or task != "classification" or spec.embedding.mode in SPARSE
-    )
+    train_body = training.body_trained(TRAIN_BODY_CLASSIFICATION or task != "classification")
     body, head = split_trainable(
-        model, train_body=train_body, freeze_embeddings=spec.embedding.mode == "frozen"
+        model, train_body=train_body, train_embeddings=spec.embedding.trained(train_body)
     )
     head_lr = training.head_learning_rate or default_head_learning_rate(training.learning_rate)
     groups = [{"params": body, "lr": training.learning_rate}, {"params": head, "lr": head_lr}]
@@ -143,8 +142,8 @@ def run(ctx: JobContext) -> RecipeResult:
         "non_private_metrics": ["train_loss", "samples_seen"],
         "embedding_mode": (  # fest/adafest on a frozen (tied) embedding run as "frozen"
             "frozen"
-            if spec.embedding.mode in ("fest", "adafest") and sparse is None
-            else spec.embedding.mode
+            if not model.get_input_embeddings().weight.requires_grad
+            else spec.embedding.effective_mode(train_body)
         ),
         "seconds_per_step": (
             round(result.seconds / result.steps_run, 4) if result.steps_run else None
@@ -183,8 +182,8 @@ def _setup_sparse_embedding(
     σ_grad, σ_sel and τ come from :func:`plan_embedding_noise` at the plan's σ; the phase
     stays accounted as DP-SGD at σ (see :mod:`core.privacy.sparse_embedding`). FEST rows
     come from a PUBLIC ranking only (:mod:`core.privacy.embedding_frequencies`). A frozen
-    embedding (tied to the LM head with ``model.tied_weights="freeze"``, or
-    ``training.train_body=false``) has nothing to update: the phase runs as "frozen" at σ
+    embedding (tied to the LM head with ``model.tied_weights="freeze"``) has nothing to
+    update: the phase runs as "frozen" at σ
     and an ``embedding.sparse_skipped`` event says so.
     """
     emb_spec = ctx.spec.embedding
@@ -197,8 +196,8 @@ def _setup_sparse_embedding(
             "embedding.sparse_skipped",
             {"phase": PHASE, "mode": emb_spec.mode, "effective_mode": "frozen",
              "message": "the word embedding is frozen (tied to the LM head with "
-             "model.tied_weights='freeze', or training.train_body=false); set "
-             "model.tied_weights='untie' to train it sparsely"},
+             "model.tied_weights='freeze'); set model.tied_weights='untie' to train it "
+             "sparsely"},
         )  # fmt: skip
         return None
     rows, source = None, None

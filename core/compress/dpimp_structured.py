@@ -231,10 +231,11 @@ def run(ctx: JobContext) -> RecipeResult:
 def _train_segment(ctx: JobContext, model, rows, seg_hooks: SegmentHooks, task: str):
     """DP-SGD on ``model`` for one segment: fresh optimizer (per-group lr), new engine."""
     spec, training = ctx.spec, ctx.spec.training
+    train_body = training.body_trained(task != "classification")
     body, head = split_trainable(
         model,
-        train_body=training.body_trained(task != "classification"),
-        freeze_embeddings=spec.embedding.mode == "frozen",
+        train_body=train_body,
+        train_embeddings=spec.embedding.trained(train_body),
     )
     head_lr = training.head_learning_rate or max(HEAD_LR, training.learning_rate)
     groups = [{"params": body, "lr": training.learning_rate}, {"params": head, "lr": head_lr}]

@@ -164,10 +164,11 @@ def run(ctx: JobContext) -> RecipeResult:
     )  # fmt: skip
 
     # 3. per-group learning rates
+    train_body = training.body_trained(task != "classification")
     body, head = split_trainable(
         model,
-        train_body=training.body_trained(task != "classification"),
-        freeze_embeddings=spec.embedding.mode == "frozen",
+        train_body=train_body,
+        train_embeddings=spec.embedding.trained(train_body),
     )
     head_lr = training.head_learning_rate or max(HEAD_LR, training.learning_rate)
     groups = [{"params": body, "lr": training.learning_rate}, {"params": head, "lr": head_lr}]

@@ -187,7 +187,7 @@ def _dp_sgd(
     """Exactly the planned steps of DP phase ``phase_name`` on ``model`` (per-group lr)."""
     spec, training = ctx.spec, ctx.spec.training
     body, head = split_trainable(
-        model, train_body=train_body, freeze_embeddings=spec.embedding.mode == "frozen"
+        model, train_body=train_body, train_embeddings=spec.embedding.trained(train_body)
     )
     head_lr = training.head_learning_rate or max(HEAD_LR, training.learning_rate)
     groups = [{"params": body, "lr": training.learning_rate}, {"params": head, "lr": head_lr}]

@@ -189,7 +189,7 @@ def apply_tied_weights_policy(model: PreTrainedModel, policy: TiedPolicy) -> dic
 
 
 def split_trainable(
-    model: PreTrainedModel, *, train_body: bool = True, freeze_embeddings: bool = False
+    model: PreTrainedModel, *, train_body: bool = True, train_embeddings: bool | None = None
 ) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
     """Set ``requires_grad`` and return (body params, head params) for per-group lr.
 
@@ -197,9 +197,10 @@ def split_trainable(
     LM has none (its LM head is pretrained, trained with the body lr).
 
     Args:
-        train_body: False freezes everything but the head.
-        freeze_embeddings: freeze the input token embedding matrix (``embedding.mode``
-            "frozen").
+        train_body: False freezes everything but the head (and the word embedding when
+            ``train_embeddings`` is True).
+        train_embeddings: whether the input token embedding matrix is trained
+            (:meth:`core.specs.EmbeddingSpec.trained`); None: like the body.
     """
     emb = model.get_input_embeddings().weight
     body, head = [], []
@@ -207,7 +208,8 @@ def split_trainable(
         if name.startswith(HEAD_PREFIXES):
             head.append(p)
             continue
-        if not train_body or (freeze_embeddings and p is emb):
+        trained = train_body if p is not emb or train_embeddings is None else train_embeddings
+        if not trained:  # never re-enables a weight frozen at load (a tied embedding)
             p.requires_grad_(False)
         if p.requires_grad:
             body.append(p)

@@ -280,6 +280,44 @@ def test_dp_finetune_bert_sparse_modes_report_sparsity(mode, tmp_path):
     assert "eval_accuracy" in m and m["seconds_per_step"] > 0
 
 
+@pytest.mark.parametrize(("embedding", "train_body", "trained"), [
+    ({}, None, set()),                                    # default classifier: head only
+    ({"mode": "dense"}, None, {"word_embeddings"}),       # set mode: head + word embedding
+    ({"mode": "adafest"}, None, {"word_embeddings"}),
+    ({"mode": "frozen"}, True, {"layer", "other"}),       # body without the word embedding
+    ({}, True, {"word_embeddings", "layer", "other"}),    # unset mode follows the body
+])  # fmt: skip
+def test_which_parameters_a_classifier_trains(embedding, train_body, trained):
+    from core.models import load_model, split_trainable
+
+    spec = JobSpec.model_validate({
+        "method": "dp_finetune", "dataset_id": "ds_a", "privacy": {"epsilon": 8.0},
+        "training": {"train_body": train_body}, "embedding": embedding,
+    })  # fmt: skip
+    model = load_model("tiny:bert", task="classification", labels=["0", "1"]).model
+    body_trained = spec.training.body_trained(False)
+    body, head = split_trainable(
+        model, train_body=body_trained, train_embeddings=spec.embedding.trained(body_trained)
+    )
+    assert head and all(p.requires_grad for p in head)
+    kinds = {"word_embeddings" if "word_embeddings" in n else "layer" if ".layer." in n
+             else "other" for n, p in model.named_parameters()
+             if p.requires_grad and not n.startswith("classifier")}  # fmt: skip
+    assert kinds == trained and len(body) == sum(
+        p.requires_grad for n, p in model.named_parameters() if not n.startswith("classifier"))
+    mode = spec.embedding.effective_mode(body_trained)
+    assert mode == ("frozen" if "word_embeddings" not in trained
+                    else embedding.get("mode", "dense"))  # fmt: skip
+
+
+def test_a_tied_embedding_frozen_at_load_stays_frozen():
+    from core.models import load_model, split_trainable
+
+    model = load_model("tiny:llama", task="causal_lm", tied_weights="freeze").model
+    split_trainable(model, train_body=True, train_embeddings=True)
+    assert not model.get_input_embeddings().weight.requires_grad
+
+
 def test_dp_finetune_llama_untied_adafest_and_tied_frozen(tmp_path):
     ctx, hooks = _ctx(tmp_path / "u", base="tiny:llama", task="causal_lm",
                       embedding={"mode": "adafest"},
