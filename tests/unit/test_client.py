@@ -326,10 +326,11 @@ def _watch_server(status: str, error: dict | None):
 )
 def test_cli_watch_exit_codes(monkeypatch, status, error, code):
     import api.cli
+    import api.cli.common
 
     handler = _watch_server(status, error)
     monkeypatch.setattr(
-        api.cli,
+        api.cli.common,
         "DpcClient",
         lambda base_url, api_key: DpcClient(
             "http://dpc.test", "k", transport=httpx.MockTransport(handler)
