@@ -4,11 +4,11 @@ The baseline of every method (Mireshghallah et al. 2022; Abadi et al. 2016, Alg.
 
     1. load the base model with a task head (mean-pooled classifier, or the LM head)
     2. tokenise the private rows
-    3. optimizer with per-group learning rates (fresh head ≫ pretrained body)
+    3. choose what trains — by default a classifier's head plus the body's biases and
+       norms (BitFit), a causal LM's whole body; the word embedding too when
+       ``embedding.mode`` is set — with per-group learning rates (fresh head ≫ body)
     4. DP-SGD for exactly the planned steps of phase "train" (q, σ, C from the plan);
-       with ``embedding.mode`` fest/adafest only selected word-embedding rows are updated;
-       a classifier trains its head only, plus the word embedding when ``embedding.mode``
-       is set
+       with ``embedding.mode`` fest/adafest only selected word-embedding rows are updated
     5. evaluate on the user's eval dataset, if named (non-private evaluation)
     6. save an HF folder + tokenizer into ``ctx.output_dir``
 
@@ -26,7 +26,7 @@ import torch
 from core.compress.report import evaluate_on_eval_set, phase_run_metrics
 from core.data import encode_dataset
 from core.errors import InvalidRequest
-from core.models import load_model, load_snippet, save_model, split_trainable
+from core.models import load_model, load_snippet, save_model
 from core.models.loading import Task
 from core.privacy.embedding_frequencies import fest_rows
 from core.privacy.engine import DPSGDEngine, EngineConfig
@@ -37,21 +37,9 @@ from core.training.losses import (
     causal_lm_loss_per_example,
     classification_loss_per_example,
 )
+from core.training.optim import dp_optimizer
 
 PHASE = "train"
-# DESIGN §8 and bench/dp_finetune_quality.py (MiniLM-L6, SST-2, ε = 8): a DP head needs
-# 2e-2..5e-2 whatever the body lr (2e-3 is far too low); the former 400 × body lr rule gave
-# the head 4e-3 at body lr 1e-5 and the run predicted one class.
-HEAD_LR = 2e-2
-# Unset training.train_body: a classifier trains only its head. Measured on SST-2 (4,096 and
-# 16,384 rows, ε = 8): head only 79.6 % (= the non-private head-only run, 79.2 %); training
-# the body too under DP lost 4-25 points (body lr 1e-5..5e-4, batch 256..1024).
-TRAIN_BODY_CLASSIFICATION = False
-
-
-def default_head_learning_rate(learning_rate: float) -> float:
-    """Head lr when the spec leaves it unset: 2e-2, or the body lr if that is larger."""
-    return max(HEAD_LR, learning_rate)
 
 
 def run(ctx: JobContext) -> RecipeResult:
@@ -81,14 +69,8 @@ def run(ctx: JobContext) -> RecipeResult:
         uses_token_type_ids=uses_token_type_ids,
     )  # fmt: skip
 
-    # 3. per-group learning rates: pretrained body vs freshly initialised head
-    train_body = training.body_trained(TRAIN_BODY_CLASSIFICATION or task != "classification")
-    body, head = split_trainable(
-        model, train_body=train_body, train_embeddings=spec.embedding.trained(train_body)
-    )
-    head_lr = training.head_learning_rate or default_head_learning_rate(training.learning_rate)
-    groups = [{"params": body, "lr": training.learning_rate}, {"params": head, "lr": head_lr}]
-    optimizer = torch.optim.AdamW([g for g in groups if g["params"]], weight_decay=0.0)
+    # 3. what trains (core.training.optim), per-group lr: body vs freshly initialised head
+    opt = dp_optimizer(model, spec, task=task)
 
     # 3b. embedding.mode fest / adafest: row-sparse embedding updates (accounted at σ)
     sparse = _setup_sparse_embedding(ctx, model, tokenizer, phase.noise_multiplier)
@@ -96,7 +78,7 @@ def run(ctx: JobContext) -> RecipeResult:
     # 4. DP-SGD: exactly the planned logical steps, Poisson sampling with q from the plan
     engine = DPSGDEngine(
         model=model,
-        optimizer=optimizer,
+        optimizer=opt.optimizer,
         phase=phase,
         dataset=train_rows,
         loss_fn=(
@@ -134,16 +116,16 @@ def run(ctx: JobContext) -> RecipeResult:
         "max_grad_norm": phase.max_grad_norm,
         "expected_batch_size": engine.expected_batch_size,
         "grad_sample_mode": training.grad_sample_mode,
-        "learning_rate": training.learning_rate,
-        "head_learning_rate": head_lr if head else None,
-        "train_body": train_body,
+        "learning_rate": opt.learning_rate,
+        "head_learning_rate": opt.head_learning_rate,
+        "train_body": opt.train_body,
         "pooling": loaded.pooling,
-        "trainable_parameters": sum(p.numel() for p in body + head),
+        "trainable_parameters": opt.trainable_parameters,
         "non_private_metrics": ["train_loss", "samples_seen"],
         "embedding_mode": (  # fest/adafest on a frozen (tied) embedding run as "frozen"
             "frozen"
             if not model.get_input_embeddings().weight.requires_grad
-            else spec.embedding.effective_mode(train_body)
+            else spec.embedding.effective_mode(opt.train_body)
         ),
         "seconds_per_step": (
             round(result.seconds / result.steps_run, 4) if result.steps_run else None

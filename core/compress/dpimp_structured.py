@@ -9,7 +9,7 @@
        target_sparsity); they cut the ONE planned DP-SGD phase "train" into R + 1 segments
     5. for each segment [t_k, t_{k+1}):
          DP-SGD on the current model (fresh optimizer; same phase, same step counter;
-           a classifier trains only its head unless ``training.train_body`` is set)
+           a classifier trains its head + BitFit unless ``training.train_body`` is set)
          at t_{k+1}: score layers and FFN neurons by weight magnitude, keep the best,
                      rebuild a physically smaller model (new config, kept weights copied)
        (every event is applied, also when a crash's lost steps left a segment short,
@@ -49,22 +49,17 @@ from core.compress.pruning import (
 from core.compress.report import compression_report, eval_metrics, evaluate_on_eval_set
 from core.data import encode_dataset
 from core.errors import InvalidRequest
-from core.models import load_model, load_snippet, save_model, split_trainable
+from core.models import load_model, load_snippet, save_model
 from core.models.loading import Task
 from core.privacy.engine import DPSGDEngine, EngineConfig
 from core.recipe_api import JobContext, RecipeHooks, RecipeResult
 from core.training.checkpoint import find_checkpoint
 from core.training.losses import causal_lm_loss_per_example, classification_loss_per_example
+from core.training.optim import default_body, dp_optimizer
 
 PHASE = "train"
-# Unset training.train_body: a classifier trains only its head, in every DP phase (as
-# dp_finetune). Measured on 1,024 SST-2 rows × 2 epochs, batch 128, ε = 8, one seed each
-# (bench/compression.py), dev accuracy with the body trained (lr 1e-4 / 1e-5) vs head only:
-# dpimp_unstructured 51.1 / 62.0 vs 73.1 %; dpimp_structured 50.9 / 51.4 (one class) vs
-# 74.5 %; dpkd student 67.1 / 68.6 vs 75.3 %; dense dp_finetune (head only) 76.8 %.
-# With a frozen body the pruning scores read the pre-trained weights (public: still only
-# weights, no rows) and DP-SGD fits the head to the pruned model.
-HEAD_LR = 2e-2  # as dp_finetune (DESIGN §8): a DP head needs 2e-2..5e-2, ≫ body lr
+# What trains by default (a classifier: head + BitFit) and the learning rates: see
+# core.training.optim, shared with dp_finetune.
 STRUCTURE_FILE = "structure.json"
 
 
@@ -203,9 +198,9 @@ def run(ctx: JobContext) -> RecipeResult:
         "sample_rate": phase.sample_rate,
         "noise_multiplier": phase.noise_multiplier,
         "max_grad_norm": phase.max_grad_norm,
-        "learning_rate": training.learning_rate,
+        "learning_rate": training.body_learning_rate(training.body_trained(default_body(task))),
         "pooling": loaded.pooling,
-        "train_body": training.body_trained(task != "classification"),
+        "train_body": training.body_trained(default_body(task)),
         "target_sparsity": comp.target_sparsity,
         "structures": list(comp.structures),
         "prune_schedule": comp.prune_schedule,
@@ -231,17 +226,9 @@ def run(ctx: JobContext) -> RecipeResult:
 def _train_segment(ctx: JobContext, model, rows, seg_hooks: SegmentHooks, task: str):
     """DP-SGD on ``model`` for one segment: fresh optimizer (per-group lr), new engine."""
     spec, training = ctx.spec, ctx.spec.training
-    train_body = training.body_trained(task != "classification")
-    body, head = split_trainable(
-        model,
-        train_body=train_body,
-        train_embeddings=spec.embedding.trained(train_body),
-    )
-    head_lr = training.head_learning_rate or max(HEAD_LR, training.learning_rate)
-    groups = [{"params": body, "lr": training.learning_rate}, {"params": head, "lr": head_lr}]
     engine = DPSGDEngine(
         model=model,
-        optimizer=torch.optim.AdamW([g for g in groups if g["params"]], weight_decay=0.0),
+        optimizer=dp_optimizer(model, spec, task=task).optimizer,
         phase=ctx.plan.phase(PHASE), dataset=rows,
         loss_fn=(classification_loss_per_example if task == "classification"
                  else causal_lm_loss_per_example),

@@ -4,8 +4,8 @@
     1. load the base model with a task head; keep a dense copy for the report
     2. tokenise the private rows
     3. optimizer with per-group learning rates (fresh head ≫ pretrained body); a
-       classifier trains only its head unless ``training.train_body`` is set (measured
-       best under DP, notes below)
+       classifier trains its head + BitFit unless ``training.train_body`` is set
+       (core.training.optim)
     4. the pruning plan, from the spec only: prunable weights = the encoder's linear
        weights; R events on the cubic or stepwise schedule reaching s_f = target_sparsity
     5. one DP-SGD phase "train" (exactly the planned steps); after EVERY update:
@@ -50,21 +50,16 @@ from core.compress.report import (
 from core.compress.sparse_format import SPARSE_FILE, sparsify_folder
 from core.data import encode_dataset
 from core.errors import InvalidRequest
-from core.models import load_model, save_model, split_trainable
+from core.models import load_model, save_model
 from core.models.loading import Task
 from core.privacy.engine import DPSGDEngine, EngineConfig
 from core.recipe_api import JobContext, RecipeHooks, RecipeResult
 from core.training.losses import causal_lm_loss_per_example, classification_loss_per_example
+from core.training.optim import dp_optimizer
 
 PHASE = "train"
-# Unset training.train_body: a classifier trains only its head, in every DP phase (as
-# dp_finetune). Measured on 1,024 SST-2 rows × 2 epochs, batch 128, ε = 8, one seed each
-# (bench/compression.py), dev accuracy with the body trained (lr 1e-4 / 1e-5) vs head only:
-# dpimp_unstructured 51.1 / 62.0 vs 73.1 %; dpimp_structured 50.9 / 51.4 (one class) vs
-# 74.5 %; dpkd student 67.1 / 68.6 vs 75.3 %; dense dp_finetune (head only) 76.8 %.
-# With a frozen body the pruning scores read the pre-trained weights (public: still only
-# weights, no rows) and DP-SGD fits the head to the pruned model.
-HEAD_LR = 2e-2  # as dp_finetune (DESIGN §8): a DP head needs 2e-2..5e-2, ≫ body lr
+# What trains by default (a classifier: head + BitFit) and the learning rates: see
+# core.training.optim, shared with dp_finetune.
 
 
 def load_hint(pooling: str | None) -> str:
@@ -163,16 +158,9 @@ def run(ctx: JobContext) -> RecipeResult:
         uses_token_type_ids=uses_token_type_ids,
     )  # fmt: skip
 
-    # 3. per-group learning rates
-    train_body = training.body_trained(task != "classification")
-    body, head = split_trainable(
-        model,
-        train_body=train_body,
-        train_embeddings=spec.embedding.trained(train_body),
-    )
-    head_lr = training.head_learning_rate or max(HEAD_LR, training.learning_rate)
-    groups = [{"params": body, "lr": training.learning_rate}, {"params": head, "lr": head_lr}]
-    optimizer = torch.optim.AdamW([g for g in groups if g["params"]], weight_decay=0.0)
+    # 3. what trains and the per-group learning rates (core.training.optim)
+    opt = dp_optimizer(model, spec, task=task)
+    optimizer = opt.optimizer
 
     # 4. the pruning plan (public: spec + planned steps)
     events = prune_events(phase.steps, target=comp.target_sparsity,
@@ -212,10 +200,10 @@ def run(ctx: JobContext) -> RecipeResult:
         "sample_rate": phase.sample_rate,
         "noise_multiplier": phase.noise_multiplier,
         "max_grad_norm": phase.max_grad_norm,
-        "learning_rate": training.learning_rate,
-        "head_learning_rate": head_lr if head else None,
+        "learning_rate": opt.learning_rate,
+        "head_learning_rate": opt.head_learning_rate,
         "pooling": loaded.pooling,
-        "train_body": training.body_trained(task != "classification"),
+        "train_body": opt.train_body,
         "target_sparsity": comp.target_sparsity,
         "achieved_sparsity": report["encoder_linear_sparsity"],
         "prune_schedule": comp.prune_schedule,

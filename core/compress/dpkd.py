@@ -12,8 +12,8 @@
     3. DP-SGD phase "student" on the private rows with the per-example loss
          ℓ_i = (1 − α)·CE(y_i, s_i) + α·T²·KL(softmax(t_i/T) ‖ softmax(s_i/T))
        (teacher in eval mode under no_grad; ghost clipping wraps the [B] vector)
-       A classifier trains only its head in both phases unless ``training.train_body``
-       is set (measured best under DP, notes below).
+       A classifier trains its head and the body's biases and norms (BitFit) in both
+       phases unless ``training.train_body`` is set (core.training.optim).
     4. evaluate teacher and student on the user's eval dataset, if named (non-private)
     5. save the student as an HF folder; report size and latency next to the teacher (the
        dense base architecture)
@@ -49,22 +49,16 @@ from core.models import (
     load_model,
     load_snippet,
     save_model,
-    split_trainable,
 )
 from core.models.loading import LoadedModel, Task
 from core.privacy.engine import DPSGDEngine, EngineConfig, PhaseResult
 from core.recipe_api import JobContext, RecipeResult
 from core.training.losses import causal_lm_loss_per_example, classification_loss_per_example
+from core.training.optim import default_body, dp_optimizer
 
 TEACHER, STUDENT = "teacher", "student"
-# Unset training.train_body: a classifier trains only its head, in every DP phase (as
-# dp_finetune). Measured on 1,024 SST-2 rows × 2 epochs, batch 128, ε = 8, one seed each
-# (bench/compression.py), dev accuracy with the body trained (lr 1e-4 / 1e-5) vs head only:
-# dpimp_unstructured 51.1 / 62.0 vs 73.1 %; dpimp_structured 50.9 / 51.4 (one class) vs
-# 74.5 %; dpkd student 67.1 / 68.6 vs 75.3 %; dense dp_finetune (head only) 76.8 %.
-# With a frozen body the pruning scores read the pre-trained weights (public: still only
-# weights, no rows) and DP-SGD fits the head to the pruned model.
-HEAD_LR = 2e-2  # as dp_finetune (DESIGN §8): a DP head needs 2e-2..5e-2, ≫ body lr
+# What trains by default (a classifier: head + BitFit) and the learning rates: see
+# core.training.optim, shared with dp_finetune.
 TEACHER_WEIGHTS, TEACHER_DONE = "model.safetensors", "teacher.json"
 
 
@@ -106,7 +100,6 @@ def run(ctx: JobContext) -> RecipeResult:
             ctx, teacher, train_rows, TEACHER,
             classification_loss_per_example if task == "classification"
             else causal_lm_loss_per_example,
-            train_body=training.body_trained(task != "classification"),
         )  # fmt: skip
         teacher_metrics = phase_run_metrics(result)
         _save_teacher(teacher, teacher_dir, teacher_metrics)
@@ -122,10 +115,7 @@ def run(ctx: JobContext) -> RecipeResult:
 
     # 3. DP-SGD on the private rows with the distillation loss
     kd_loss = make_kd_loss(teacher, alpha=spec.distill.alpha, temperature=spec.distill.temperature)
-    student_result = _dp_sgd(
-        ctx, student, train_rows, STUDENT, kd_loss,
-        train_body=training.body_trained(task != "classification"),
-    )  # fmt: skip
+    student_result = _dp_sgd(ctx, student, train_rows, STUDENT, kd_loss)
     student.eval()
 
     # 4. evaluation on the user's eval dataset (non-private, flagged)
@@ -154,7 +144,7 @@ def run(ctx: JobContext) -> RecipeResult:
         "alpha": spec.distill.alpha,
         "temperature": spec.distill.temperature,
         "pooling": loaded.pooling,
-        "train_body": training.body_trained(task != "classification"),
+        "train_body": training.body_trained(default_body(task)),
         **report,
         **eval_metrics(student_eval),
         **eval_metrics(teacher_eval, prefix="teacher_eval"),
@@ -182,18 +172,13 @@ def _load_base(ctx: JobContext, task: Task) -> LoadedModel:
 
 
 def _dp_sgd(
-    ctx: JobContext, model, rows, phase_name: str, loss_fn, *, train_body: bool
+    ctx: JobContext, model, rows, phase_name: str, loss_fn
 ) -> PhaseResult:
     """Exactly the planned steps of DP phase ``phase_name`` on ``model`` (per-group lr)."""
-    spec, training = ctx.spec, ctx.spec.training
-    body, head = split_trainable(
-        model, train_body=train_body, train_embeddings=spec.embedding.trained(train_body)
-    )
-    head_lr = training.head_learning_rate or max(HEAD_LR, training.learning_rate)
-    groups = [{"params": body, "lr": training.learning_rate}, {"params": head, "lr": head_lr}]
+    training = ctx.spec.training
     engine = DPSGDEngine(
         model=model,
-        optimizer=torch.optim.AdamW([g for g in groups if g["params"]], weight_decay=0.0),
+        optimizer=dp_optimizer(model, ctx.spec, task=ctx.train.task).optimizer,
         phase=ctx.plan.phase(phase_name), dataset=rows, loss_fn=loss_fn, hooks=ctx.hooks,
         config=EngineConfig(grad_sample_mode=training.grad_sample_mode,
                             physical_batch_size=training.physical_batch_size,

@@ -189,7 +189,10 @@ def apply_tied_weights_policy(model: PreTrainedModel, policy: TiedPolicy) -> dic
 
 
 def split_trainable(
-    model: PreTrainedModel, *, train_body: bool = True, train_embeddings: bool | None = None
+    model: PreTrainedModel,
+    *,
+    train_body: bool | Literal["bitfit"] = True,
+    train_embeddings: bool | None = None,
 ) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
     """Set ``requires_grad`` and return (body params, head params) for per-group lr.
 
@@ -197,8 +200,9 @@ def split_trainable(
     LM has none (its LM head is pretrained, trained with the body lr).
 
     Args:
-        train_body: False freezes everything but the head (and the word embedding when
-            ``train_embeddings`` is True).
+        train_body: True trains the whole body; "bitfit" only its biases and normalisation
+            weights (:func:`is_bitfit_parameter`); False freezes everything but the head
+            (and the word embedding when ``train_embeddings`` is True).
         train_embeddings: whether the input token embedding matrix is trained
             (:meth:`core.specs.EmbeddingSpec.trained`); None: like the body.
     """
@@ -208,7 +212,12 @@ def split_trainable(
         if name.startswith(HEAD_PREFIXES):
             head.append(p)
             continue
-        trained = train_body if p is not emb or train_embeddings is None else train_embeddings
+        if p is emb and train_embeddings is not None:
+            trained = train_embeddings
+        elif train_body == "bitfit":
+            trained = is_bitfit_parameter(name)
+        else:
+            trained = bool(train_body)
         if not trained:  # never re-enables a weight frozen at load (a tied embedding)
             p.requires_grad_(False)
         if p.requires_grad:
@@ -220,6 +229,12 @@ def split_trainable(
             param="training.train_body",
         )
     return body, head
+
+
+def is_bitfit_parameter(name: str) -> bool:
+    """A bias or a normalisation weight (BERT ``LayerNorm``, Llama ``*_layernorm``/``norm``)."""
+    module, _, leaf = name.rpartition(".")
+    return leaf == "bias" or "norm" in module.rsplit(".", 1)[-1].lower()
 
 
 def save_model(model: PreTrainedModel, tokenizer: Any, out_dir: Path) -> Path:

@@ -67,7 +67,10 @@ def test_classification_runs_the_plan_evaluates_and_saves(tmp_path):
     m = result.metrics
     assert hooks.before == [1, 2, 3, 4, 5, 6] and m["steps"] == m["planned_steps"] == 6
     assert m["pooling"] == "mean" and m["head_learning_rate"] == pytest.approx(0.02)
-    assert m["train_body"] is False  # unset train_body: a DP classifier trains its head only
+    # unset train_body: a DP classifier trains its head and the body's biases and norms
+    assert m["train_body"] == "bitfit"
+    full = loading.load_model("tiny:bert", task="classification", labels=["0", "1"]).model
+    assert m["trainable_parameters"] < 0.1 * sum(p.numel() for p in full.parameters())
     assert m["sample_rate"] == 0.25 and m["noise_multiplier"] == 0.6
     assert m["expected_batch_size"] == pytest.approx(12.0)
     assert math.isfinite(m["train_loss"]) and "train_loss" in m["non_private_metrics"]

@@ -310,6 +310,32 @@ def test_which_parameters_a_classifier_trains(embedding, train_body, trained):
                     else embedding.get("mode", "dense"))  # fmt: skip
 
 
+@pytest.mark.parametrize("base", ["tiny:bert", "tiny:llama"])
+def test_bitfit_trains_only_biases_and_norms(base):
+    from core.models import load_model, split_trainable
+
+    task = "classification" if base == "tiny:bert" else "causal_lm"
+    model = load_model(base, task=task, labels=["0", "1"] if task == "classification" else None,
+                       tied_weights="untie").model  # fmt: skip
+    body, head = split_trainable(model, train_body="bitfit")
+    names = {n for n, p in model.named_parameters() if p.requires_grad}
+    trained_body = {n for n in names if not n.startswith(("classifier", "score"))}
+    assert trained_body and len(body) == len(trained_body)
+    assert all(n.endswith(".bias") or "norm" in n.lower() for n in trained_body)
+    assert not model.get_input_embeddings().weight.requires_grad
+    every_norm = {n for n, _ in model.named_parameters() if "norm" in n.lower()}
+    assert every_norm <= names  # none missed (BERT LayerNorm, Llama RMSNorm)
+    assert sum(p.numel() for p in body) < 0.05 * sum(p.numel() for p in model.parameters())
+
+
+def test_bitfit_gets_its_own_default_learning_rate():
+    from core.specs import BITFIT_LEARNING_RATE, TrainingSpec
+
+    assert TrainingSpec().body_learning_rate("bitfit") == BITFIT_LEARNING_RATE
+    assert TrainingSpec().body_learning_rate(True) == TrainingSpec().learning_rate
+    assert TrainingSpec(learning_rate=3e-4).body_learning_rate("bitfit") == 3e-4
+
+
 def test_a_tied_embedding_frozen_at_load_stays_frozen():
     from core.models import load_model, split_trainable
 
