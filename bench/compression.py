@@ -15,16 +15,12 @@ and steps as the single phase of the others). Reported per ε and method:
     HF_HUB_OFFLINE=1 .venv/bin/python -m bench.compression [--rows 4096] [--epochs 3]
         [--epsilons 8 3] [--methods dp_finetune dpkd ...] [--threads 1] [--train-body]
 
-Training options are the methods' defaults except the learning rates (``--lr`` body,
-``--head-lr``): for a classifier every DP phase trains only the head unless
-``--train-body`` (the measured best under DP here; see the notes in the recipes).
+Training options are the methods' defaults: for a classifier every DP phase trains the
+head and the body's biases and norms (BitFit, body lr 1e-3; core.training.optim) unless
+``--train-body`` (whole body) or ``--head-only``; ``--lr`` overrides the body lr.
 
-Sizing: each DP phase processes rows × epochs samples; with the body frozen MiniLM runs
-~60-100 samples/s on one thread (forward through the body, backward through the head
-only), ~10-30 with ``--train-body``. Measured: 2,048 rows × 3 epochs, both ε, all four
-methods took 7.3 minutes (evaluation on 872 dev rows and latency probes included), so the
-defaults (4,096 rows × 3 epochs) take ~15 minutes on one thread; 1 thread beat 2 on the
-shared 2-core machine (OpenMP spin-waits under contention).
+Sizing: each DP phase processes rows × epochs samples; BitFit backpropagates through the
+whole body (~40 samples/s on one thread, ~60-100 with ``--head-only``).
 
 Writes ``bench/results/compression.json``. Reads SST-2 in place from
 ``../shared/data/sst2/`` (or ``$DPC_SHARED_DATA/sst2/``); never copies it.
@@ -109,8 +105,10 @@ def run_method(method: str, epsilon: float, args, train, dev) -> dict:
                         "prune_schedule": "cubic", "structures": ["layers", "ffn"]},
         "training": {"epochs": args.epochs, "batch_size": args.batch,
                      "physical_batch_size": args.physical, "max_seq_length": args.seq,
-                     "learning_rate": args.lr, "head_learning_rate": args.head_lr, "seed": 0,
-                     "train_body": True if args.train_body else None},
+                     "head_learning_rate": args.head_lr, "seed": 0,
+                     "train_body": True if args.train_body else False if args.head_only
+                     else None,
+                     **({"learning_rate": args.lr} if args.lr is not None else {})},
         "distill": {"alpha": 0.5, "temperature": 2.0},
     })  # fmt: skip
     plan = plan_job(spec, num_records=len(train))
@@ -150,13 +148,14 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=256, help="expected logical batch")
     parser.add_argument("--physical", type=int, default=32, help="physical batch")
     parser.add_argument("--seq", type=int, default=64, help="max_seq_length (tokens)")
-    parser.add_argument("--lr", type=float, default=1e-4, help="body learning rate")
+    parser.add_argument("--lr", type=float, default=None, help="body lr (default: method's)")
     parser.add_argument("--head-lr", type=float, default=2e-2, help="head learning rate")
     parser.add_argument("--rounds", type=int, default=3, help="prune_rounds of dpimp_*")
     parser.add_argument("--delta", type=float, default=None, help="δ; default 1/(10·N)")
     parser.add_argument("--eval-rows", type=int, default=None, help="dev rows (default all)")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
-    parser.add_argument("--train-body", action="store_true", help="train the body under DP too")
+    parser.add_argument("--train-body", action="store_true", help="train the whole body")
+    parser.add_argument("--head-only", action="store_true", help="train only the head")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
 

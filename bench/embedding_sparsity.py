@@ -70,8 +70,10 @@ def run_one(mode: str, epsilon: float, repeat: int, args, train_rows, dev_rows, 
             embedding["fest_public_rows"] = fest_rows
     if mode == "adafest" and args.adafest_ratio:
         embedding["adafest_noise_ratio"] = args.adafest_ratio
+    # train_body false: the head (+ the word embedding): the modes differ only there
     training = {"max_seq_length": args.max_seq_length, "epochs": args.epochs,
-                "batch_size": args.batch_size, "learning_rate": args.lr}  # fmt: skip
+                "batch_size": args.batch_size, "learning_rate": args.lr,
+                "train_body": False}  # fmt: skip
     spec = JobSpec(method="dp_finetune", dataset_id="ds_sst2", eval_dataset_id="ds_dev",
                    model={"base": args.base}, privacy={"epsilon": epsilon},
                    training=training, embedding=embedding)  # fmt: skip
