@@ -15,12 +15,13 @@ and steps as the single phase of the others). Reported per ε and method:
     HF_HUB_OFFLINE=1 .venv/bin/python -m bench.compression [--rows 4096] [--epochs 3]
         [--epsilons 8 3] [--methods dp_finetune dpkd ...] [--threads 1] [--train-body]
 
-Training options are the methods' defaults: for a classifier every DP phase trains the
-head and the body's biases and norms (BitFit, body lr 1e-3; core.training.optim) unless
-``--train-body`` (whole body) or ``--head-only``; ``--lr`` overrides the body lr.
+Training options are the methods' defaults (core.training.optim): dp_finetune trains the
+head and the body's biases and norms (BitFit, body lr 1e-3), the compression recipes only
+the head; ``--train-body`` (whole body) or ``--head-only`` apply to every method, ``--lr``
+overrides the body lr. Use ``--head-only`` for the like-for-like table in the README.
 
 Sizing: each DP phase processes rows × epochs samples; BitFit backpropagates through the
-whole body (~40 samples/s on one thread, ~60-100 with ``--head-only``).
+whole body (~40 samples/s on one thread), head-only phases run ~60-100 samples/s.
 
 Writes ``bench/results/compression.json``. Reads SST-2 in place from
 ``../shared/data/sst2/`` (or ``$DPC_SHARED_DATA/sst2/``); never copies it.

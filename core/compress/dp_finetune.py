@@ -37,7 +37,7 @@ from core.training.losses import (
     causal_lm_loss_per_example,
     classification_loss_per_example,
 )
-from core.training.optim import dp_optimizer
+from core.training.optim import FINETUNE_CLASSIFIER_BODY, dp_optimizer
 
 PHASE = "train"
 
@@ -70,7 +70,7 @@ def run(ctx: JobContext) -> RecipeResult:
     )  # fmt: skip
 
     # 3. what trains (core.training.optim), per-group lr: body vs freshly initialised head
-    opt = dp_optimizer(model, spec, task=task)
+    opt = dp_optimizer(model, spec, task=task, classifier_body=FINETUNE_CLASSIFIER_BODY)
 
     # 3b. embedding.mode fest / adafest: row-sparse embedding updates (accounted at σ)
     sparse = _setup_sparse_embedding(ctx, model, tokenizer, phase.noise_multiplier)

@@ -9,7 +9,7 @@
        target_sparsity); they cut the ONE planned DP-SGD phase "train" into R + 1 segments
     5. for each segment [t_k, t_{k+1}):
          DP-SGD on the current model (fresh optimizer; same phase, same step counter;
-           a classifier trains its head + BitFit unless ``training.train_body`` is set)
+           a classifier trains only its head unless ``training.train_body`` is set)
          at t_{k+1}: score layers and FFN neurons by weight magnitude, keep the best,
                      rebuild a physically smaller model (new config, kept weights copied)
        (every event is applied, also when a crash's lost steps left a segment short,
@@ -55,11 +55,12 @@ from core.privacy.engine import DPSGDEngine, EngineConfig
 from core.recipe_api import JobContext, RecipeHooks, RecipeResult
 from core.training.checkpoint import find_checkpoint
 from core.training.losses import causal_lm_loss_per_example, classification_loss_per_example
+from core.training.optim import COMPRESSION_CLASSIFIER_BODY as CLASSIFIER_BODY
 from core.training.optim import default_body, dp_optimizer
 
 PHASE = "train"
-# What trains by default (a classifier: head + BitFit) and the learning rates: see
-# core.training.optim, shared with dp_finetune.
+# What trains by default (a classifier: only its head, measured best for this recipe) and
+# the learning rates: core.training.optim, shared with dp_finetune.
 STRUCTURE_FILE = "structure.json"
 
 
@@ -190,6 +191,7 @@ def run(ctx: JobContext) -> RecipeResult:
     report = compression_report(model, dense_base, output_dir=ctx.output_dir,
                                 seq_len=training.max_seq_length)  # fmt: skip
     kept = encoder_shape(model).parameters()
+    train_body = training.body_trained(default_body(task, CLASSIFIER_BODY))
     metrics = {
         "task": task,
         "phase": PHASE,
@@ -198,9 +200,9 @@ def run(ctx: JobContext) -> RecipeResult:
         "sample_rate": phase.sample_rate,
         "noise_multiplier": phase.noise_multiplier,
         "max_grad_norm": phase.max_grad_norm,
-        "learning_rate": training.body_learning_rate(training.body_trained(default_body(task))),
+        "learning_rate": training.body_learning_rate(train_body),
         "pooling": loaded.pooling,
-        "train_body": training.body_trained(default_body(task)),
+        "train_body": train_body,
         "target_sparsity": comp.target_sparsity,
         "structures": list(comp.structures),
         "prune_schedule": comp.prune_schedule,
@@ -228,7 +230,7 @@ def _train_segment(ctx: JobContext, model, rows, seg_hooks: SegmentHooks, task: 
     spec, training = ctx.spec, ctx.spec.training
     engine = DPSGDEngine(
         model=model,
-        optimizer=dp_optimizer(model, spec, task=task).optimizer,
+        optimizer=dp_optimizer(model, spec, task=task, classifier_body=CLASSIFIER_BODY).optimizer,
         phase=ctx.plan.phase(PHASE), dataset=rows,
         loss_fn=(classification_loss_per_example if task == "classification"
                  else causal_lm_loss_per_example),

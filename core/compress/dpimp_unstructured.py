@@ -4,8 +4,8 @@
     1. load the base model with a task head; keep a dense copy for the report
     2. tokenise the private rows
     3. optimizer with per-group learning rates (fresh head ≫ pretrained body); a
-       classifier trains its head + BitFit unless ``training.train_body`` is set
-       (core.training.optim)
+       classifier trains only its head unless ``training.train_body`` is set (measured
+       best, core.training.optim)
     4. the pruning plan, from the spec only: prunable weights = the encoder's linear
        weights; R events on the cubic or stepwise schedule reaching s_f = target_sparsity
     5. one DP-SGD phase "train" (exactly the planned steps); after EVERY update:
@@ -55,11 +55,12 @@ from core.models.loading import Task
 from core.privacy.engine import DPSGDEngine, EngineConfig
 from core.recipe_api import JobContext, RecipeHooks, RecipeResult
 from core.training.losses import causal_lm_loss_per_example, classification_loss_per_example
+from core.training.optim import COMPRESSION_CLASSIFIER_BODY as CLASSIFIER_BODY
 from core.training.optim import dp_optimizer
 
 PHASE = "train"
-# What trains by default (a classifier: head + BitFit) and the learning rates: see
-# core.training.optim, shared with dp_finetune.
+# What trains by default (a classifier: only its head, measured best for this recipe) and
+# the learning rates: core.training.optim, shared with dp_finetune.
 
 
 def load_hint(pooling: str | None) -> str:
@@ -159,7 +160,7 @@ def run(ctx: JobContext) -> RecipeResult:
     )  # fmt: skip
 
     # 3. what trains and the per-group learning rates (core.training.optim)
-    opt = dp_optimizer(model, spec, task=task)
+    opt = dp_optimizer(model, spec, task=task, classifier_body=CLASSIFIER_BODY)
     optimizer = opt.optimizer
 
     # 4. the pruning plan (public: spec + planned steps)

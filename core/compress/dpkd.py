@@ -12,8 +12,8 @@
     3. DP-SGD phase "student" on the private rows with the per-example loss
          ℓ_i = (1 − α)·CE(y_i, s_i) + α·T²·KL(softmax(t_i/T) ‖ softmax(s_i/T))
        (teacher in eval mode under no_grad; ghost clipping wraps the [B] vector)
-       A classifier trains its head and the body's biases and norms (BitFit) in both
-       phases unless ``training.train_body`` is set (core.training.optim).
+       A classifier trains only its head in both phases unless ``training.train_body``
+       is set (measured best, core.training.optim).
     4. evaluate teacher and student on the user's eval dataset, if named (non-private)
     5. save the student as an HF folder; report size and latency next to the teacher (the
        dense base architecture)
@@ -54,11 +54,12 @@ from core.models.loading import LoadedModel, Task
 from core.privacy.engine import DPSGDEngine, EngineConfig, PhaseResult
 from core.recipe_api import JobContext, RecipeResult
 from core.training.losses import causal_lm_loss_per_example, classification_loss_per_example
+from core.training.optim import COMPRESSION_CLASSIFIER_BODY as CLASSIFIER_BODY
 from core.training.optim import default_body, dp_optimizer
 
 TEACHER, STUDENT = "teacher", "student"
-# What trains by default (a classifier: head + BitFit) and the learning rates: see
-# core.training.optim, shared with dp_finetune.
+# What trains by default (a classifier: only its head, measured best for this recipe) and
+# the learning rates: core.training.optim, shared with dp_finetune.
 TEACHER_WEIGHTS, TEACHER_DONE = "model.safetensors", "teacher.json"
 
 
@@ -144,7 +145,7 @@ def run(ctx: JobContext) -> RecipeResult:
         "alpha": spec.distill.alpha,
         "temperature": spec.distill.temperature,
         "pooling": loaded.pooling,
-        "train_body": training.body_trained(default_body(task)),
+        "train_body": training.body_trained(default_body(task, CLASSIFIER_BODY)),
         **report,
         **eval_metrics(student_eval),
         **eval_metrics(teacher_eval, prefix="teacher_eval"),
@@ -178,7 +179,9 @@ def _dp_sgd(
     training = ctx.spec.training
     engine = DPSGDEngine(
         model=model,
-        optimizer=dp_optimizer(model, ctx.spec, task=ctx.train.task).optimizer,
+        optimizer=dp_optimizer(
+            model, ctx.spec, task=ctx.train.task, classifier_body=CLASSIFIER_BODY
+        ).optimizer,
         phase=ctx.plan.phase(phase_name), dataset=rows, loss_fn=loss_fn, hooks=ctx.hooks,
         config=EngineConfig(grad_sample_mode=training.grad_sample_mode,
                             physical_batch_size=training.physical_batch_size,

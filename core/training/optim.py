@@ -1,13 +1,16 @@
 """What a DP-SGD phase trains, and at which learning rates: one rule for every recipe.
 
-Unset ``training.train_body``: a classifier trains its freshly initialised head plus the
-body's biases and normalisation weights (BitFit), a causal LM its whole body. Measured on
-SST-2 with MiniLM-L6 (bench/dp_finetune_quality.py, bench/compression.py):
+Unset ``training.train_body``: a causal LM trains its whole body; a classifier trains its
+freshly initialised head plus, in dp_finetune, the body's biases and normalisation weights
+(BitFit), and in the compression recipes nothing else. Measured on SST-2 with MiniLM-L6
+(bench/dp_finetune_quality.py, bench/compression.py), one run per cell:
 
-* BitFit, 8,192 rows, ε = 8: 81.2 % dev accuracy; head only 79.6 % (the same as the
-  non-private head-only run); the whole body under DP lost 4-25 points (body lr 1e-5 to
-  5e-4, batch 256 to 1,024), and in the pruning / distillation recipes (1,024 rows, ε = 8)
-  the whole body gave 51-69 % against 73-75 % for the head only.
+* dp_finetune, 8,192 rows, ε = 8: BitFit 81.0-81.2 % dev accuracy, head only 79.6 % (the
+  same as the non-private head-only run); the whole body under DP lost 4-25 points (body lr
+  1e-5 to 5e-4, batch 256 to 1,024).
+* compression recipes, 4,096 rows, ε = 8, head only vs BitFit: dpkd student 77.8 vs 74.2 %,
+  dpimp_structured 75.6 vs 74.0 %, dpimp_unstructured 76.6 vs 75.5 %; the whole body (1,024
+  rows) gave 51-69 % against 73-75 % for the head only.
 * a DP head needs lr 2e-2..5e-2 whatever the body's (2e-3 is far too low, DESIGN §8);
   BitFit's few parameters need ~1e-3 (:data:`core.specs.BITFIT_LEARNING_RATE`).
 
@@ -26,12 +29,13 @@ from core.models import split_trainable
 from core.specs import BodyTraining, JobSpec
 
 HEAD_LR = 2e-2
-CLASSIFIER_BODY: BodyTraining = "bitfit"
+FINETUNE_CLASSIFIER_BODY: BodyTraining = "bitfit"  # dp_finetune
+COMPRESSION_CLASSIFIER_BODY: BodyTraining = False  # dpkd, dpimp_structured, dpimp_unstructured
 
 
-def default_body(task: str) -> BodyTraining:
+def default_body(task: str, classifier_body: BodyTraining) -> BodyTraining:
     """What of the body trains when ``training.train_body`` is unset."""
-    return CLASSIFIER_BODY if task == "classification" else True
+    return classifier_body if task == "classification" else True
 
 
 @dataclass(frozen=True)
@@ -45,10 +49,16 @@ class DPOptimizer:
     trainable_parameters: int
 
 
-def dp_optimizer(model: nn.Module, spec: JobSpec, *, task: str) -> DPOptimizer:
-    """Freeze what does not train and build AdamW with per-group lr (body vs fresh head)."""
+def dp_optimizer(
+    model: nn.Module, spec: JobSpec, *, task: str, classifier_body: BodyTraining
+) -> DPOptimizer:
+    """Freeze what does not train and build AdamW with per-group lr (body vs fresh head).
+
+    Args:
+        classifier_body: the recipe's default for a classifier's body (see the module doc).
+    """
     training = spec.training
-    train_body = training.body_trained(default_body(task))
+    train_body = training.body_trained(default_body(task, classifier_body))
     body, head = split_trainable(
         model, train_body=train_body, train_embeddings=spec.embedding.trained(train_body)
     )
