@@ -129,7 +129,9 @@ def job_spec(method: str, epsilon: float, args) -> Any:
         "training": {"epochs": args.epochs, "batch_size": args.batch_size,
                      "physical_batch_size": args.physical_batch_size,
                      "learning_rate": args.lr, "max_seq_length": args.max_seq_length},
-        "synthetic": {"num_samples": args.num_samples, "max_new_tokens": args.max_new_tokens},
+        "synthetic": {"num_samples": args.num_samples, "max_new_tokens": args.max_new_tokens,
+                      **({"student_epochs": args.student_epochs}
+                         if method == "distildp" and args.student_epochs else {})},
     })  # fmt: skip
 
 
@@ -204,6 +206,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--num-samples", type=int, default=2000)
     p.add_argument("--max-new-tokens", type=int, default=48)
     p.add_argument("--epochs", type=float, default=2)
+    p.add_argument("--student-epochs", type=float, default=None,
+                   help="distildp: student passes over the synthetic texts (default --epochs)")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--physical-batch-size", type=int, default=8)
     p.add_argument("--lr", type=float, default=1e-4)

@@ -115,6 +115,9 @@ class DistillSpec(_Strict):
 class SyntheticSpec(_Strict):
     num_samples: int = Field(2000, ge=1, le=1_000_000)
     max_new_tokens: int = Field(64, ge=1, le=1024)
+    student_epochs: float | None = Field(
+        None, gt=0, le=100, description="distildp: passes of the student over the synthetic "
+        "texts (post-processing: costs no ε, only time); default training.epochs")
 
 
 class EmbeddingSpec(_Strict):

@@ -122,7 +122,8 @@ def run(ctx: JobContext) -> RecipeResult:
     student: Any
     student, copied = build_causal_student(teacher, comp.student_layers)
     student_config = StudentTraining(
-        alpha=alpha, temperature=temperature, epochs=training.epochs,
+        alpha=alpha, temperature=temperature,
+        epochs=spec.synthetic.student_epochs or training.epochs,
         batch_size=training.physical_batch_size, learning_rate=training.learning_rate,
         max_seq_length=training.max_seq_length, seed=training.seed,
     )  # fmt: skip

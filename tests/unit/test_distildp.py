@@ -93,7 +93,8 @@ class PhaseHooks:
             self.rows.locked = True
 
 
-def _ctx(tmp_path, rows, hooks, *, sigma_h=2.0, n_eval=6, distill=None) -> JobContext:
+def _ctx(tmp_path, rows, hooks, *, sigma_h=2.0, n_eval=6, distill=None,
+         synthetic=None) -> JobContext:
     spec = JobSpec.model_validate({
         "method": "distildp", "dataset_id": "ds_train",
         "eval_dataset_id": "ds_eval" if n_eval else None,
@@ -101,7 +102,7 @@ def _ctx(tmp_path, rows, hooks, *, sigma_h=2.0, n_eval=6, distill=None) -> JobCo
         "compression": {"student_layers": 1},
         "training": {"batch_size": 8, "physical_batch_size": 8, "max_seq_length": 24,
                      "learning_rate": 1e-3, "epochs": 1},
-        "synthetic": {"num_samples": 10, "max_new_tokens": 6},
+        "synthetic": {"num_samples": 10, "max_new_tokens": 6, **(synthetic or {})},
         **({"distill": distill} if distill else {}),
     })  # fmt: skip
     plan = PrivacyPlan(accountant="prv", delta=1e-5, epsilon=8.0, phases=[
@@ -165,10 +166,12 @@ def test_distildp_charges_the_plan_never_reads_rows_after_release_and_saves(tmp_
 def test_dataset_without_control_codes_releases_no_histogram(tmp_path):
     rows = [{**r, "control": None} for r in text_rows(24, seed=1)]
     hooks = PhaseHooks({"teacher": TEACHER_STEPS, "histogram": 1}, tmp_path / "ckpt")
-    ctx = _ctx(tmp_path, rows, hooks, n_eval=0)
+    ctx = _ctx(tmp_path, rows, hooks, n_eval=0, synthetic={"student_epochs": 3})
     ctx.plan.phases = [ctx.plan.phase("teacher")]  # the planner plans no histogram here
     m = load_recipe("distildp")(ctx).metrics
     assert [p for p, _ in hooks.before] == ["teacher"] * TEACHER_STEPS
+    # more student epochs: more (non-private) student steps, not one more charged step
+    assert m["student"]["steps"] == 3 * 2  # 10 synthetic texts in batches of 8, 3 epochs
     assert m["histogram"] is None and m["phases"]["histogram"]["charged"] is False
     synthetic = SyntheticSet.load_jsonl(ctx.work_dir / "synthetic.jsonl")
     assert all(r["control"] is None for r in synthetic.rows)
