@@ -237,3 +237,39 @@ def test_empty_poisson_batches_still_step_with_noise(mode, tmp_path):
     assert [m for _, m in hooks.after] == [{"batch_size": 0.0}] * 3  # no NaN loss
     assert result.train_loss is None and result.last_step == 3
     assert float((_flat(model) - before).abs().max()) > 0
+
+
+@pytest.mark.parametrize("train_embeddings", [False, True], ids=["head-only", "head+embedding"])
+def test_clipping_is_exact_when_the_body_is_frozen(train_embeddings, tmp_path):
+    """A frozen body (the classifier defaults) leaves the trainable modules' inputs without
+    gradients; the clipped sum must still equal the naive per-example loop."""
+    from core.models import split_trainable
+
+    model, tok = _tiny_bert()
+    reference, _ = _tiny_bert()
+    for m in (model, reference):
+        split_trainable(m, train_body=False, train_embeddings=train_embeddings)
+    data = _dataset(tok, 10)
+    params = [p for p in reference.parameters() if p.requires_grad]
+    norms = []
+    for i in range(len(data)):
+        reference.zero_grad(set_to_none=True)
+        classification_loss_per_example(reference, data.collate([i])).sum().backward()
+        norms.append(float(torch.cat([p.grad.reshape(-1) for p in params]).norm()))
+    C = sorted(norms)[len(norms) // 2]
+    expected = None
+    for i in range(len(data)):
+        reference.zero_grad(set_to_none=True)
+        classification_loss_per_example(reference, data.collate([i])).sum().backward()
+        g = torch.cat([p.grad.reshape(-1) for p in params])
+        g = g * min(1.0, C / (float(g.norm()) + 1e-6))
+        expected = g if expected is None else expected + g
+
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    before = torch.cat([p.detach().reshape(-1).clone() for p in trainable])
+    _run_one_step(model, data, q=1.0, sigma=0.0, C=C, mode="ghost", tmp_path=tmp_path)
+    after = torch.cat([p.detach().reshape(-1).clone() for p in trainable])
+    got = (before - after) * len(data)
+    assert min(norms) < C < max(norms)
+    rel = float((got - expected).norm() / expected.norm())
+    assert rel < 1e-4, f"relative error {rel:.2e}"
