@@ -60,11 +60,12 @@ from core.compress.synthetic import (
 )
 from core.data import encode_dataset
 from core.errors import InvalidRequest
-from core.models import load_model, load_snippet, save_model, split_trainable
+from core.models import load_model, load_snippet, save_model
 from core.privacy.engine import DPSGDEngine, EngineConfig
 from core.recipe_api import JobContext, RecipeResult
 from core.specs import DistillSpec
 from core.training.losses import causal_lm_loss_per_example
+from core.training.optim import dp_optimizer
 
 TEACHER, HISTOGRAM = "teacher", "histogram"
 PAPER_ALPHA, PAPER_TEMPERATURE = 0.4, 1.0  # λ, τ of Flemings & Annavaram 2024
@@ -216,14 +217,9 @@ def train_dp_teacher(ctx: JobContext, teacher, tokenizer) -> dict:
     private_rows = encode_dataset(
         ctx.train, tokenizer, task="causal_lm", max_seq_length=training.max_seq_length
     )  # "[code] text" + EOS, as core.data.format_causal_text writes it
-    train_body = training.body_trained()
-    body, _ = split_trainable(
-        teacher, train_body=train_body,
-        train_embeddings=spec.embedding.trained(train_body),
-    )  # fmt: skip
     engine = DPSGDEngine(
         model=teacher,
-        optimizer=torch.optim.AdamW(body, lr=training.learning_rate, weight_decay=0.0),
+        optimizer=dp_optimizer(teacher, spec, task="causal_lm", classifier_body=True).optimizer,
         phase=ctx.plan.phase(TEACHER), dataset=private_rows,
         loss_fn=causal_lm_loss_per_example, hooks=ctx.hooks,
         config=EngineConfig(grad_sample_mode=training.grad_sample_mode,

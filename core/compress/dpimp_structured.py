@@ -56,7 +56,7 @@ from core.recipe_api import JobContext, RecipeHooks, RecipeResult
 from core.training.checkpoint import find_checkpoint
 from core.training.losses import causal_lm_loss_per_example, classification_loss_per_example
 from core.training.optim import COMPRESSION_CLASSIFIER_BODY as CLASSIFIER_BODY
-from core.training.optim import default_body, dp_optimizer
+from core.training.optim import body_training, dp_optimizer
 
 PHASE = "train"
 # What trains by default (a classifier: only its head, measured best for this recipe) and
@@ -191,7 +191,7 @@ def run(ctx: JobContext) -> RecipeResult:
     report = compression_report(model, dense_base, output_dir=ctx.output_dir,
                                 seq_len=training.max_seq_length)  # fmt: skip
     kept = encoder_shape(model).parameters()
-    train_body = training.body_trained(default_body(task, CLASSIFIER_BODY))
+    train_body = body_training(spec, task=task, classifier_body=CLASSIFIER_BODY)
     metrics = {
         "task": task,
         "phase": PHASE,

@@ -161,16 +161,15 @@ def run(ctx: JobContext) -> RecipeResult:
 
     # 3. what trains and the per-group learning rates (core.training.optim)
     opt = dp_optimizer(model, spec, task=task, classifier_body=CLASSIFIER_BODY)
-    optimizer = opt.optimizer
 
     # 4. the pruning plan (public: spec + planned steps)
     events = prune_events(phase.steps, target=comp.target_sparsity,
                           schedule=comp.prune_schedule, rounds=comp.prune_rounds)  # fmt: skip
-    masking = MaskingHooks(hooks, model=model, optimizer=optimizer, events=events)
+    masking = MaskingHooks(hooks, model=model, optimizer=opt.optimizer, events=events)
 
     # 5. DP-SGD with masks re-applied after every update
     engine = DPSGDEngine(
-        model=model, optimizer=optimizer, phase=phase, dataset=train_rows,
+        model=model, optimizer=opt.optimizer, phase=phase, dataset=train_rows,
         loss_fn=(classification_loss_per_example if task == "classification"
                  else causal_lm_loss_per_example),
         hooks=masking,

@@ -55,7 +55,7 @@ from core.privacy.engine import DPSGDEngine, EngineConfig, PhaseResult
 from core.recipe_api import JobContext, RecipeResult
 from core.training.losses import causal_lm_loss_per_example, classification_loss_per_example
 from core.training.optim import COMPRESSION_CLASSIFIER_BODY as CLASSIFIER_BODY
-from core.training.optim import default_body, dp_optimizer
+from core.training.optim import body_training, dp_optimizer
 
 TEACHER, STUDENT = "teacher", "student"
 # What trains by default (a classifier: only its head, measured best for this recipe) and
@@ -145,7 +145,7 @@ def run(ctx: JobContext) -> RecipeResult:
         "alpha": spec.distill.alpha,
         "temperature": spec.distill.temperature,
         "pooling": loaded.pooling,
-        "train_body": training.body_trained(default_body(task, CLASSIFIER_BODY)),
+        "train_body": body_training(spec, task=task, classifier_body=CLASSIFIER_BODY),
         **report,
         **eval_metrics(student_eval),
         **eval_metrics(teacher_eval, prefix="teacher_eval"),

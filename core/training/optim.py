@@ -33,9 +33,9 @@ FINETUNE_CLASSIFIER_BODY: BodyTraining = "bitfit"  # dp_finetune
 COMPRESSION_CLASSIFIER_BODY: BodyTraining = False  # dpkd, dpimp_structured, dpimp_unstructured
 
 
-def default_body(task: str, classifier_body: BodyTraining) -> BodyTraining:
-    """What of the body trains when ``training.train_body`` is unset."""
-    return classifier_body if task == "classification" else True
+def body_training(spec: JobSpec, *, task: str, classifier_body: BodyTraining) -> BodyTraining:
+    """What of the body trains: ``training.train_body``, else the recipe's default."""
+    return spec.training.body_trained(classifier_body if task == "classification" else True)
 
 
 @dataclass(frozen=True)
@@ -58,7 +58,7 @@ def dp_optimizer(
         classifier_body: the recipe's default for a classifier's body (see the module doc).
     """
     training = spec.training
-    train_body = training.body_trained(default_body(task, classifier_body))
+    train_body = body_training(spec, task=task, classifier_body=classifier_body)
     body, head = split_trainable(
         model, train_body=train_body, train_embeddings=spec.embedding.trained(train_body)
     )
