@@ -11,7 +11,7 @@ on the command line take the ``TrainingSpec`` defaults, so with no flags this me
 what a user who gives only method/dataset/model/ε gets.
 
     HF_HUB_OFFLINE=1 .venv/bin/python -m bench.dp_finetune_quality \
-        [--rows 4096] [--epsilons 8,3] [--no-baseline] [--train-body true|false] \
+        [--rows 4096] [--epsilons 8,3] [--no-baseline] [--train-body true|false|bitfit] \
         [--lr 5e-4] [--head-lr 2e-2] [--batch-size 1024] [--epochs 3] [--threads 1]
 
 Writes ``bench/results/dp_finetune_quality.json`` (or ``--out``). Reads SST-2 in place
@@ -72,6 +72,12 @@ class MemoryHooks:
 
     def event(self, kind: str, data: dict[str, Any]) -> None:
         self.events.append((kind, data))
+
+
+def parse_train_body(text: str) -> bool | str:
+    """``--train-body``: ``bitfit``, or a boolean (true/false/yes/no/1/0)."""
+    text = text.lower()
+    return "bitfit" if text == "bitfit" else text in ("1", "true", "yes")
 
 
 def training_overrides(args) -> dict[str, Any]:
@@ -151,8 +157,8 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, help="expected logical batch; default: spec")
     parser.add_argument("--lr", type=float, help="body learning rate; default: TrainingSpec")
     parser.add_argument("--head-lr", type=float, help="head learning rate; default: recipe's")
-    parser.add_argument("--train-body", type=lambda s: s.lower() in ("1", "true", "yes"),
-                        help="true/false; default: TrainingSpec")  # fmt: skip
+    parser.add_argument("--train-body", type=parse_train_body,
+                        help="true/false/bitfit; default: the recipe's")  # fmt: skip
     parser.add_argument("--max-seq-length", type=int, default=64)
     parser.add_argument("--epsilons", default="8,3", help="comma-separated ε values")
     parser.add_argument("--no-baseline", action="store_true", help="skip the non-private run")
