@@ -6,7 +6,9 @@
     3. tokenise the private rows
     4. the pruning plan, from the spec only: R events t_1 < … < t_R on the cubic or
        stepwise schedule, the k-th removing s_k of the encoder's parameters (s_R = s_f =
-       target_sparsity); they cut the ONE planned DP-SGD phase "train" into R + 1 segments
+       target_sparsity); they cut the ONE planned DP-SGD phase "train" into R + 1 segments.
+       When the scored weight matrices do not train (a frozen body, BitFit) the plan is
+       one event at step 0: the final structure, before the first step
     5. for each segment [t_k, t_{k+1}):
          DP-SGD on the current model (fresh optimizer; same phase, same step counter;
            a classifier trains only its head unless ``training.train_body`` is set)
@@ -41,7 +43,7 @@ import torch
 from core.compress.pruning import (
     encoder_anatomy,
     encoder_shape,
-    prune_events,
+    pruning_events,
     select_structures,
     shrink_model,
     structure_sizes,
@@ -159,8 +161,11 @@ def run(ctx: JobContext) -> RecipeResult:
     )  # fmt: skip
 
     # 4. the pruning plan (public: spec + planned steps) → segments of the one phase
-    events = prune_events(phase.steps, target=comp.target_sparsity,
-                          schedule=comp.prune_schedule, rounds=comp.prune_rounds)  # fmt: skip
+    #    (one event at step 0 when the scored weights do not train: a frozen body, BitFit)
+    weights_train = body_training(spec, task=task, classifier_body=CLASSIFIER_BODY) is True
+    events = pruning_events(phase.steps, target=comp.target_sparsity,
+                            schedule=comp.prune_schedule, rounds=comp.prune_rounds,
+                            weights_train=weights_train)  # fmt: skip
     ends = [*events, phase.steps] if phase.steps not in events else list(events)
     starts = [0, *ends[:-1]]
     ckpt_root = hooks.checkpoint_dir(PHASE)
@@ -173,8 +178,10 @@ def run(ctx: JobContext) -> RecipeResult:
     phase_state: dict = {}  # what begin_phase allowed, shared by the segments
     segments = []  # (start step, PhaseResult) of each segment run by this attempt
     for k in range(structure.segment, len(ends)):
-        seg_hooks = SegmentHooks(hooks, segment=k, start=starts[k], end=ends[k], state=phase_state)
-        segments.append((starts[k], _train_segment(ctx, model, train_rows, seg_hooks, task)))
+        if ends[k] > starts[k]:  # the segment before a step-0 event has no steps
+            seg_hooks = SegmentHooks(hooks, segment=k, start=starts[k], end=ends[k],
+                                     state=phase_state)  # fmt: skip
+            segments.append((starts[k], _train_segment(ctx, model, train_rows, seg_hooks, task)))
         if ends[k] in events:
             model, structure = _prune(model, structure, original, comp,
                                       sparsity=events[ends[k]], step=ends[k])  # fmt: skip
@@ -205,7 +212,7 @@ def run(ctx: JobContext) -> RecipeResult:
         "train_body": train_body,
         "target_sparsity": comp.target_sparsity,
         "structures": list(comp.structures),
-        "prune_schedule": comp.prune_schedule,
+        "prune_schedule": comp.prune_schedule if weights_train else "one_shot",
         "encoder_parameters": kept,
         "base_encoder_parameters": original.parameters(),
         "achieved_sparsity": round(1 - kept / original.parameters(), 6),

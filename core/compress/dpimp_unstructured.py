@@ -7,7 +7,8 @@
        classifier trains only its head unless ``training.train_body`` is set (measured
        best, core.training.optim)
     4. the pruning plan, from the spec only: prunable weights = the encoder's linear
-       weights; R events on the cubic or stepwise schedule reaching s_f = target_sparsity
+       weights; R events on the cubic or stepwise schedule reaching s_f = target_sparsity,
+       or one event at step 0 when those weights do not train (a frozen body, BitFit)
     5. one DP-SGD phase "train" (exactly the planned steps); after EVERY update:
          w ← w ⊙ m  and Adam's moments ← moments ⊙ m   (DP noise re-densifies w otherwise)
        and at each event t_k: m ← global magnitude mask of the current weights at s_k
@@ -37,7 +38,7 @@ from core.compress.pruning import (
     apply_masks,
     global_magnitude_masks,
     prunable_weights,
-    prune_events,
+    pruning_events,
     sparsity_in_force,
     zero_optimizer_state,
 )
@@ -56,7 +57,7 @@ from core.privacy.engine import DPSGDEngine, EngineConfig
 from core.recipe_api import JobContext, RecipeHooks, RecipeResult
 from core.training.losses import causal_lm_loss_per_example, classification_loss_per_example
 from core.training.optim import COMPRESSION_CLASSIFIER_BODY as CLASSIFIER_BODY
-from core.training.optim import dp_optimizer
+from core.training.optim import body_training, dp_optimizer
 
 PHASE = "train"
 # What trains by default (a classifier: only its head, measured best for this recipe) and
@@ -162,9 +163,12 @@ def run(ctx: JobContext) -> RecipeResult:
     # 3. what trains and the per-group learning rates (core.training.optim)
     opt = dp_optimizer(model, spec, task=task, classifier_body=CLASSIFIER_BODY)
 
-    # 4. the pruning plan (public: spec + planned steps)
-    events = prune_events(phase.steps, target=comp.target_sparsity,
-                          schedule=comp.prune_schedule, rounds=comp.prune_rounds)  # fmt: skip
+    # 4. the pruning plan (public: spec + planned steps); one-shot at step 0 when the
+    #    prunable weights are frozen (nothing to recover between rounds)
+    weights_train = body_training(spec, task=task, classifier_body=CLASSIFIER_BODY) is True
+    events = pruning_events(phase.steps, target=comp.target_sparsity,
+                            schedule=comp.prune_schedule, rounds=comp.prune_rounds,
+                            weights_train=weights_train)  # fmt: skip
     masking = MaskingHooks(hooks, model=model, optimizer=opt.optimizer, events=events)
 
     # 5. DP-SGD with masks re-applied after every update
@@ -206,7 +210,7 @@ def run(ctx: JobContext) -> RecipeResult:
         "train_body": opt.train_body,
         "target_sparsity": comp.target_sparsity,
         "achieved_sparsity": report["encoder_linear_sparsity"],
-        "prune_schedule": comp.prune_schedule,
+        "prune_schedule": comp.prune_schedule if weights_train else "one_shot",
         "prune_events": masking.history,
         "pruned_tensors": sorted(masking.weights),
         "weights_file": SPARSE_FILE,

@@ -185,6 +185,23 @@ def prune_events(
     return dict(sorted(events.items()))
 
 
+def pruning_events(
+    total_steps: int, *, target: float, schedule: Schedule, rounds: int, weights_train: bool
+) -> dict[int, float]:
+    """The recipe's prune events: :func:`prune_events`, or ``{0: target}`` when the
+    prunable weights do not train.
+
+    Alg. 2 and 3 prune gradually so that training recovers between events. A frozen body
+    (or BitFit, which trains only biases and norms) never changes the weight matrices the
+    scores read, so every event would pick from the same magnitudes, there is nothing to
+    recover, and gradual pruning would only move the features under the head while it
+    trains. Then the target is pruned once, before the first step (step 0).
+    """
+    if not weights_train:
+        return {0: target}
+    return prune_events(total_steps, target=target, schedule=schedule, rounds=rounds)
+
+
 def sparsity_in_force(events: Mapping[int, float], step: int) -> float:
     """Sparsity of the last event at or before ``step`` (0 before the first)."""
     return max((s for t, s in events.items() if t <= step), default=0.0)

@@ -18,6 +18,7 @@ from core.compress.pruning import (
     global_magnitude_masks,
     prunable_weights,
     prune_events,
+    pruning_events,
     shrink_model,
     structure_sizes,
     zero_optimizer_state,
@@ -318,6 +319,44 @@ def test_unstructured_resume_with_lost_steps_still_reaches_the_target(tmp_path):
     weights = prunable_weights(load_sparse_model(ctx.output_dir))
     zeros = sum(int((w == 0).sum()) for w in weights.values())
     assert zeros == round(0.5 * sum(w.numel() for w in weights.values()))
+
+
+def test_a_frozen_body_is_pruned_once_before_the_first_step(tmp_path):
+    """Head only: the weight matrices never train, so the whole target goes at step 0 and
+    the final weights are the pre-trained ones with exactly the global magnitude mask."""
+    assert pruning_events(60, target=0.5, schedule="cubic", rounds=5, weights_train=False) == {
+        0: 0.5
+    }
+    assert pruning_events(
+        60, target=0.5, schedule="cubic", rounds=5, weights_train=True
+    ) == prune_events(60, target=0.5, schedule="cubic", rounds=5)
+    spec = _spec("dpimp_unstructured", train_body=False, target_sparsity=0.5, prune_rounds=2)
+    ctx, hooks = _ctx(tmp_path, spec, {"train": 4}, sigma=1.0)
+    result = load_recipe("dpimp_unstructured")(ctx)
+
+    m = result.metrics
+    assert m["prune_events"] == [{"step": 0, "sparsity": 0.5}] and m["prune_schedule"] == "one_shot"
+    assert hooks.steps("train") == [1, 2, 3, 4] and hooks.charged["train"] == 4
+    pretrained = prunable_weights(_tiny_bert().model)
+    masks = global_magnitude_masks({n: w.detach() for n, w in pretrained.items()}, 0.5)
+    for name, w in prunable_weights(load_sparse_model(ctx.output_dir)).items():
+        assert torch.equal(w, pretrained[name].detach() * masks[name])
+
+
+def test_structured_with_a_frozen_body_trains_every_step_on_the_final_shape(tmp_path):
+    spec = _spec("dpimp_structured", train_body=False, target_sparsity=0.5, prune_rounds=2)
+    ctx, hooks = _ctx(tmp_path, spec, {"train": 4}, cancel_before=("train", 3))
+    with pytest.raises(JobCancelled):
+        load_recipe("dpimp_structured")(ctx)
+    result = load_recipe("dpimp_structured")(ctx)  # resumes in the pruned shape
+
+    m = result.metrics
+    assert m["prune_schedule"] == "one_shot" and [e["step"] for e in m["prune_events"]] == [0]
+    # resumed from the step-2 checkpoint of the pruned model; 4 steps charged in all
+    assert hooks.begins == [("train", 0, 4), ("train", 2, 4)] and hooks.charged["train"] == 4
+    assert hooks.steps("train") == [1, 2, 3, 4]
+    assert m["steps"] == 4 and m["achieved_sparsity"] >= 0.5
+    assert _load_classifier(ctx.output_dir).config.num_hidden_layers == 1
 
 
 # -- structured (Alg. 2) ---------------------------------------------------------------
