@@ -6,10 +6,11 @@ student of ``--base``:
 
 * ``distildp``: the real recipe (DP teacher → DP control-code histogram → synthetic text →
   non-private KD student); ε split 95 % teacher / 5 % histogram by the planner;
-* ``dp_sgd_student``: the student (evenly spaced layers of the pre-trained base) trained
+* ``dp_sgd_student``: the student (the same layer choice as distildp's, read on 64 texts
+  sampled from the PUBLIC pre-trained base instead of the DP teacher) trained
   directly with DP-SGD on the private rows at the whole ε (one phase);
 * ``dpkd``: the real dpkd recipe (DP teacher, then DP-SGD KD student on the private
-  rows), ε split 50/50.
+  rows), ε split 50/50; its student copies evenly spaced teacher layers.
 
 Private datasets (uploads are all-codes or no-codes, so these are two separate runs):
 
@@ -125,7 +126,9 @@ def job_spec(method: str, epsilon: float, args) -> Any:
     return JobSpec.model_validate({
         "method": method, "dataset_id": "ds_bench", "eval_dataset_id": "ds_eval",
         "model": {"base": args.base}, "privacy": {"epsilon": epsilon},
-        "compression": {"student_layers": args.student_layers},
+        "compression": {"student_layers": args.student_layers,
+                        **({"student_layer_selection": args.student_layer_selection}
+                           if method == "distildp" else {})},
         "training": {"epochs": args.epochs, "batch_size": args.batch_size,
                      "physical_batch_size": args.physical_batch_size,
                      "learning_rate": args.lr, "max_seq_length": args.max_seq_length},
@@ -161,7 +164,12 @@ def run_dp_sgd_student(epsilon: float, train: list[dict], eval_rows: list[dict],
     """The same student shape trained directly with DP-SGD on the private rows."""
     import torch
 
-    from core.compress.causal_distill import build_causal_student
+    from core.compress.causal_distill import (
+        BLOCK_SELECTION_TEXTS,
+        build_causal_student,
+        student_layers,
+    )
+    from core.compress.synthetic import generate_synthetic
     from core.data import encode_dataset
     from core.models import load_model, split_trainable
     from core.privacy.engine import DPSGDEngine, EngineConfig
@@ -173,8 +181,15 @@ def run_dp_sgd_student(epsilon: float, train: list[dict], eval_rows: list[dict],
     plan = plan_job(spec, num_records=len(train))
     started = time.monotonic()
     loaded = load_model(args.base, task="causal_lm", seed=0)
-    student, _ = build_causal_student(loaded.model, args.student_layers)
     tok = loaded.tokenizer
+    # the same layer choice as distildp's student, read on texts the PUBLIC base samples
+    public = generate_synthetic(loaded.model, tok, controls=[None] * BLOCK_SELECTION_TEXTS,
+                                max_new_tokens=args.max_new_tokens, device=args.device)  # fmt: skip
+    layers = student_layers(loaded.model, args.student_layers,
+                            selection=args.student_layer_selection, synthetic=public,
+                            tokenizer=tok, max_seq_length=args.max_seq_length,
+                            device=args.device)  # fmt: skip
+    student = build_causal_student(loaded.model, layers)
     rows = encode_dataset(DatasetView("ds_bench", "causal_lm", [], train), tok,
                           task="causal_lm", max_seq_length=args.max_seq_length)  # fmt: skip
     body, _ = split_trainable(student)
@@ -191,7 +206,8 @@ def run_dp_sgd_student(epsilon: float, train: list[dict], eval_rows: list[dict],
     eval_set = encode_dataset(DatasetView("ds_eval", "causal_lm", [], eval_rows), tok,
                               task="causal_lm", max_seq_length=args.max_seq_length)  # fmt: skip
     ppl = evaluate_perplexity(student, eval_set, device=args.device)
-    return {"eval_perplexity": ppl}, plan, time.monotonic() - started, hooks.charged
+    metrics = {"eval_perplexity": ppl, "copied_layers": layers}
+    return metrics, plan, time.monotonic() - started, hooks.charged
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -202,7 +218,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--epsilons", default="2,8")
     p.add_argument("--rows", type=int, default=2000)
     p.add_argument("--eval-rows", type=int, default=200)
-    p.add_argument("--student-layers", type=int, default=15)
+    p.add_argument("--student-layers", type=int, default=20)
+    p.add_argument("--student-layer-selection", default="similar_block",
+                   choices=["similar_block", "evenly_spaced"],
+                   help="distildp and dp_sgd_student (dpkd copies evenly spaced layers)")
     p.add_argument("--num-samples", type=int, default=2000)
     p.add_argument("--max-new-tokens", type=int, default=48)
     p.add_argument("--epochs", type=float, default=2)
@@ -238,6 +257,7 @@ def main(argv: list[str] | None = None) -> int:
                     "phases": [ph.model_dump() for ph in plan.phases], "steps_charged": charged,
                     "student_eval_perplexity": metrics.get("eval_perplexity"),
                     "teacher_eval_perplexity": metrics.get("teacher_eval_perplexity"),
+                    "copied_layers": metrics.get("copied_layers"),
                     "seconds": round(seconds, 1),
                 }  # fmt: skip
                 if method == "distildp":

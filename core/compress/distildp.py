@@ -10,8 +10,10 @@
     3. synthetic text (post-processing): ``synthetic.num_samples`` codes drawn from the
        noisy histogram, each prompt = the code prefix, sampled from the DP teacher with
        top-k 50, top-p 0.9, no repeated 2-grams; kept in the job's work dir only
-    4. the student (post-processing): ``compression.student_layers`` evenly spaced teacher
-       layers, trained with plain AdamW on the synthetic set ONLY with
+    4. the student (post-processing): ``compression.student_layers`` teacher layers — all
+       but the contiguous block whose ends' hidden states are most alike on the synthetic
+       text (``compression.student_layer_selection``, default) or evenly spaced ones —
+       trained with plain AdamW on the synthetic set ONLY with
          (1 − λ)·CE + λ·τ²·KL(teacher ‖ student) + MSE(W·h_S, h_T)
     5. perplexity of teacher and student on the user's eval dataset (non-private
        evaluation), the student saved as an HF causal-LM folder
@@ -40,6 +42,7 @@ from safetensors.torch import save_model as save_safetensors
 from core.compress.causal_distill import (
     StudentTraining,
     build_causal_student,
+    student_layers,
     train_student_on_synthetic,
 )
 from core.compress.distill import evenly_spaced_layers
@@ -118,10 +121,14 @@ def run(ctx: JobContext) -> RecipeResult:
     synthetic = synthesize_texts(ctx, teacher, tokenizer, histogram)
     timings["generation_seconds"] = round(time.monotonic() - t0, 3)
 
-    # 4. the student: evenly spaced teacher layers, distilled on synthetic text only
+    # 4. the student: teacher layers chosen on the synthetic text, distilled on it only
     t0 = time.monotonic()
-    student: Any
-    student, copied = build_causal_student(teacher, comp.student_layers)
+    copied = student_layers(
+        teacher, comp.student_layers, selection=comp.student_layer_selection,
+        synthetic=synthetic, tokenizer=tokenizer, max_seq_length=training.max_seq_length,
+        device=ctx.device,
+    )  # fmt: skip
+    student: Any = build_causal_student(teacher, copied)
     student_config = StudentTraining(
         alpha=alpha, temperature=temperature,
         epochs=spec.synthetic.student_epochs or training.epochs,
@@ -135,6 +142,7 @@ def run(ctx: JobContext) -> RecipeResult:
             "alpha": alpha,
             "temperature": temperature,
             "copied_layers": copied,
+            "layer_selection": comp.student_layer_selection,
         },
     )
     student_result = train_student_on_synthetic(
@@ -168,6 +176,7 @@ def run(ctx: JobContext) -> RecipeResult:
         "teacher_layers": teacher_layers,
         "student_layers": comp.student_layers,
         "copied_layers": copied,
+        "student_layer_selection": comp.student_layer_selection,
         "alpha": alpha,
         "temperature": temperature,
         "distill_weights_from": weights_from,

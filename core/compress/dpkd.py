@@ -73,6 +73,14 @@ def run(ctx: JobContext) -> RecipeResult:
             "'frozen'",
             param="embedding.mode",
         )
+    if comp.student_layer_selection != "evenly_spaced" and (
+        "student_layer_selection" in comp.model_fields_set
+    ):
+        raise InvalidRequest(
+            "compression.student_layer_selection='similar_block' needs non-private text to "
+            "compare layers on (distildp's synthetic text); dpkd copies evenly spaced layers",
+            param="compression.student_layer_selection",
+        )
     torch.manual_seed(training.seed)  # dropout; DP noise and sampling have their own RNGs
 
     # 1. the DP teacher (trained here, reloaded after a restart, or an earlier DP job's)

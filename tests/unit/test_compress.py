@@ -533,6 +533,14 @@ def test_dpkd_charges_both_phases_exactly_and_saves_a_loadable_student(tmp_path)
     assert student.config.num_hidden_layers == 1
 
 
+def test_dpkd_refuses_the_similar_block_layer_choice_before_any_step(tmp_path):
+    spec = _spec("dpkd", student_layers=1, student_layer_selection="similar_block")
+    ctx, hooks = _ctx(tmp_path, spec, {"teacher": 2, "student": 2})
+    with pytest.raises(InvalidRequest) as err:
+        load_recipe("dpkd")(ctx)
+    assert err.value.param == "compression.student_layer_selection" and not hooks.before
+
+
 def test_dpkd_epsilon_is_the_composition_of_teacher_and_student_not_their_sum():
     spec = _spec("dpkd")
     plan = plan_job(spec, num_records=1000)

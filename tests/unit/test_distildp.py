@@ -15,7 +15,9 @@ from core.compress import load_recipe
 from core.compress.causal_distill import (
     HiddenProjection,
     StudentTraining,
+    build_causal_student,
     distill_loss,
+    student_layers,
     train_student_on_synthetic,
 )
 from core.compress.distildp import distillation_weights
@@ -279,3 +281,34 @@ def test_distillation_weights_default_to_the_paper_unless_the_spec_sets_them():
     assert distillation_weights(spec({"alpha": 0.5}))[:2] == (0.5, 1.0)
     a, t, src = distillation_weights(spec({"alpha": 0.7, "temperature": 2.0}))
     assert (a, t) == (0.7, 2.0) and src == {"alpha": "spec", "temperature": "spec"}
+
+
+def test_similar_block_drops_the_layers_that_change_the_hidden_state_least():
+    """Layers 2 and 3 of a 6-layer Llama are made identity maps (zero attention and MLP
+    output projections): the block choice must drop exactly them; evenly spaced does not."""
+    loaded = load_model("tiny:llama", task="causal_lm", cache_dir=model_cache_dir())
+    tok = loaded.tokenizer
+    torch.manual_seed(0)
+    teacher = LlamaForCausalLM(LlamaConfig(**{**loaded.model.config.to_dict(),
+                                              "num_hidden_layers": 6})).eval()  # fmt: skip
+    with torch.no_grad():
+        for i in (2, 3):
+            teacher.model.layers[i].self_attn.o_proj.weight.zero_()
+            teacher.model.layers[i].mlp.down_proj.weight.zero_()
+    synthetic = SyntheticSet(tuple({"control": None, "text": r["text"]} for r in text_rows(8)))
+    kw = {"synthetic": synthetic, "tokenizer": tok, "max_seq_length": 16}
+
+    kept = student_layers(teacher, 4, selection="similar_block", **kw)
+    assert kept == [0, 1, 4, 5]
+    assert student_layers(teacher, 4, selection="evenly_spaced", **kw) == [1, 2, 3, 5]
+    assert student_layers(teacher, 6, selection="similar_block", **kw) == list(range(6))
+    # the last layer always stays, whatever the distances
+    assert student_layers(teacher, 1, selection="similar_block", **kw) == [5]
+    student = build_causal_student(teacher, kept)
+    ids = torch.randint(0, 100, (2, 5))
+    with torch.no_grad():  # dropping identity layers changes nothing
+        assert torch.allclose(student(input_ids=ids).logits, teacher(input_ids=ids).logits,
+                              atol=1e-5)  # fmt: skip
+    private = DatasetView(id="ds", task="causal_lm", labels=[], rows=text_rows(4))
+    with pytest.raises(TypeError, match="SyntheticSet"):
+        student_layers(teacher, 4, selection="similar_block", **{**kw, "synthetic": private})
