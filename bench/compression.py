@@ -13,12 +13,14 @@ and steps as the single phase of the others). Reported per ε and method:
   (ratio = compressed / dense).
 
     HF_HUB_OFFLINE=1 .venv/bin/python -m bench.compression [--rows 4096] [--epochs 3]
-        [--epsilons 8 3] [--methods dp_finetune dpkd ...] [--threads 1] [--train-body]
+        [--epsilons 8 3] [--methods dp_finetune dpkd ...] [--threads 1]
+        [--train-body | --bitfit | --head-only]
 
 Training options are the methods' defaults (core.training.optim): dp_finetune trains the
 head and the body's biases and norms (BitFit, body lr 1e-3), the compression recipes only
-the head; ``--train-body`` (whole body) or ``--head-only`` apply to every method, ``--lr``
-overrides the body lr. Use ``--head-only`` for the like-for-like table in the README.
+the head; ``--train-body`` (whole body), ``--bitfit`` or ``--head-only`` apply to every
+method, ``--lr`` overrides the body lr. Use ``--head-only`` or ``--bitfit`` for a
+like-for-like table.
 
 Sizing: each DP phase processes rows × epochs samples; BitFit backpropagates through the
 whole body (~40 samples/s on one thread), head-only phases run ~60-100 samples/s.
@@ -108,7 +110,7 @@ def run_method(method: str, epsilon: float, args, train, dev) -> dict:
                      "physical_batch_size": args.physical, "max_seq_length": args.seq,
                      "head_learning_rate": args.head_lr, "seed": 0,
                      "train_body": True if args.train_body else False if args.head_only
-                     else None,
+                     else "bitfit" if args.bitfit else None,
                      **({"learning_rate": args.lr} if args.lr is not None else {})},
         "distill": {"alpha": 0.5, "temperature": 2.0},
     })  # fmt: skip
@@ -157,6 +159,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     parser.add_argument("--train-body", action="store_true", help="train the whole body")
     parser.add_argument("--head-only", action="store_true", help="train only the head")
+    parser.add_argument("--bitfit", action="store_true",
+                        help="train the head + the body's biases and norms in every method")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
 
