@@ -4,7 +4,9 @@ MiniLM-L6 (``bundled:minilm-l6``, mean-pooled classifier) fine-tuned by the real
 :func:`core.compress.dp_finetune.run` on the first ``--rows`` SST-2 training rows at each ε,
 evaluated on the SST-2 dev rows (all 872 by default). The classifier trains its head and,
 in every mode but ``frozen``, the word embedding (densely, FEST rows, or AdaFEST rows); the
-rest of the body stays frozen, so the modes differ only in how the embedding is trained.
+rest of the body stays frozen (``--train-body false``) or trains only its biases and norms
+(``--train-body bitfit``, dp_finetune's default) in every mode, so the modes differ only in
+how the embedding is trained.
 Every run of one ε shares the plan of
 :func:`core.privacy.planner.plan_job` (σ, q, T: the embedding mode does not change the
 accounting, see :mod:`core.privacy.sparse_embedding`). Reports per run: dev accuracy,
@@ -17,7 +19,8 @@ the spec path. ``--fest-source tokenizer`` uses the tokenizer-order proxy instea
 
     HF_HUB_OFFLINE=1 .venv/bin/python -m bench.embedding_sparsity \
         [--rows 2048] [--dev-rows 872] [--epsilons 3,8] [--modes dense,frozen,fest,adafest] \
-        [--epochs 3] [--batch-size 256] [--fest-top-k 2048] [--threads 1] [--repeats 3]
+        [--epochs 3] [--batch-size 256] [--fest-top-k 2048] [--threads 1] [--repeats 3] \
+        [--train-body false|bitfit] [--lr 1e-4]
 
 Writes ``bench/results/embedding_sparsity.json`` (or ``--out``). Noise and sampling draw from
 OS entropy like production (±1-2 points between runs), so every (ε, mode) runs ``--repeats``
@@ -70,10 +73,12 @@ def run_one(mode: str, epsilon: float, repeat: int, args, train_rows, dev_rows, 
             embedding["fest_public_rows"] = fest_rows
     if mode == "adafest" and args.adafest_ratio:
         embedding["adafest_noise_ratio"] = args.adafest_ratio
-    # train_body false: the head (+ the word embedding): the modes differ only there
+    # the modes differ only in the word embedding: the rest of the body is frozen
+    # (``--train-body false``) or trains its biases and norms (``bitfit``) in every mode
     training = {"max_seq_length": args.max_seq_length, "epochs": args.epochs,
-                "batch_size": args.batch_size, "learning_rate": args.lr,
-                "train_body": False}  # fmt: skip
+                "batch_size": args.batch_size,
+                "train_body": "bitfit" if args.train_body == "bitfit" else False,
+                **({"learning_rate": args.lr} if args.lr is not None else {})}  # fmt: skip
     spec = JobSpec(method="dp_finetune", dataset_id="ds_sst2", eval_dataset_id="ds_dev",
                    model={"base": args.base}, privacy={"epsilon": epsilon},
                    training=training, embedding=embedding)  # fmt: skip
@@ -124,7 +129,10 @@ def main() -> None:
     parser.add_argument("--base", default="bundled:minilm-l6")
     parser.add_argument("--epochs", type=float, default=3)
     parser.add_argument("--batch-size", type=int, default=256)
-    parser.add_argument("--lr", type=float, default=1e-4)
+    parser.add_argument("--train-body", choices=["false", "bitfit"], default="false")
+    parser.add_argument("--lr", type=float, default=None,
+                        help="body + embedding lr; default 1e-4 (--train-body false) or "
+                        "BitFit's default")
     parser.add_argument("--max-seq-length", type=int, default=64)
     parser.add_argument("--fest-top-k", type=int, default=2048)
     parser.add_argument("--fest-source", choices=["wikitext", "tokenizer"], default="wikitext")
@@ -133,6 +141,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
+    if args.lr is None and args.train_body == "false":
+        args.lr = 1e-4
     if not (sst2_dir() / "train.tsv").exists():
         print(f"skipped: {sst2_dir() / 'train.tsv'} not found (shared data folder absent)")
         return
