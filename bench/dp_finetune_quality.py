@@ -85,7 +85,7 @@ def training_overrides(args) -> dict[str, Any]:
     out: dict[str, Any] = {"max_seq_length": args.max_seq_length}
     for flag, field in (("epochs", "epochs"), ("batch_size", "batch_size"),
                         ("lr", "learning_rate"), ("head_lr", "head_learning_rate"),
-                        ("train_body", "train_body")):  # fmt: skip
+                        ("train_body", "train_body"), ("lr_schedule", "lr_schedule")):  # fmt: skip
         value = getattr(args, flag)
         if value is not None:
             out[field] = value
@@ -159,6 +159,7 @@ def main() -> None:
     parser.add_argument("--head-lr", type=float, help="head learning rate; default: recipe's")
     parser.add_argument("--train-body", type=parse_train_body,
                         help="true/false/bitfit; default: the recipe's")  # fmt: skip
+    parser.add_argument("--lr-schedule", choices=["constant", "linear"], default=None)
     parser.add_argument("--max-seq-length", type=int, default=64)
     parser.add_argument("--epsilons", default="8,3", help="comma-separated ε values")
     parser.add_argument("--no-baseline", action="store_true", help="skip the non-private run")

@@ -97,6 +97,9 @@ class TrainingSpec(_Strict):
         "— dp_finetune of a classifier trains 'bitfit' (measured best under DP on SST-2, "
         "bench/dp_finetune_quality.py), the other methods' classifiers only the head, "
         "causal LMs the whole body")
+    lr_schedule: Literal["constant", "linear"] = Field(
+        "constant", description="learning rates over a DP phase's T steps: constant, or "
+        "linear decay lr·(1 − (t−1)/T)")
     grad_sample_mode: Literal["ghost", "hooks"] = Field(
         "ghost", description="per-example clipping: ghost clipping (fast, low memory) or "
         "Opacus hooks (materialised per-example gradients; fallback)")

@@ -95,6 +95,7 @@ def run(ctx: JobContext) -> RecipeResult:
             grad_sample_mode=training.grad_sample_mode,
             physical_batch_size=training.physical_batch_size,
             checkpoint_every=_checkpoint_every(),
+            lr_schedule=training.lr_schedule,
         ),
         device=ctx.device,
         sparse_embedding=sparse,

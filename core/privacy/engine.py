@@ -75,6 +75,11 @@ class EngineConfig:
         sampler_seed: seed of the Poisson sampler; None → OS entropy (production).
         noise_seed: seed of the Gaussian noise; None → OS entropy (production).
         secure_mode: Opacus secure RNG + noise; requires ``torchcsprng``.
+        lr_schedule: "constant", or "linear": every group's lr × (1 − (t − 1)/T) at
+            logical step t of the phase's T planned steps (stateless in t, so a resumed
+            run continues the same curve).
+        step_offset: steps of the phase run before this engine's step 1 (a phase split
+            into segments, dpimp_structured), so that t = offset + the engine's step.
     """
 
     grad_sample_mode: Literal["ghost", "hooks"] = "ghost"
@@ -83,6 +88,8 @@ class EngineConfig:
     sampler_seed: int | None = None
     noise_seed: int | None = None
     secure_mode: bool = False
+    lr_schedule: Literal["constant", "linear"] = "constant"
+    step_offset: int = 0
 
 
 @dataclass(frozen=True)
@@ -108,6 +115,15 @@ class PhaseResult:
     samples_seen: int
     samples_this_attempt: int
     seconds: float
+
+
+def lr_factor(schedule: str, step: int, total_steps: int) -> float:
+    """Multiplier of the base learning rates at logical step ``step`` (1-based) of
+    ``total_steps``: 1 for "constant"; 1 − (step − 1)/total_steps for "linear" (1 at the
+    first step, 1/T at the last)."""
+    if schedule == "constant":
+        return 1.0
+    return 1.0 - (min(step, total_steps) - 1) / total_steps
 
 
 class DPSGDEngine:
@@ -188,6 +204,7 @@ class DPSGDEngine:
         )
         if sparse_embedding is not None:
             sparse_embedding.attach(self.optimizer.original_optimizer)
+        self.base_lrs = [group["lr"] for group in optimizer.param_groups]  # before any resume
 
     # -- the phase ---------------------------------------------------------------------
 
@@ -226,6 +243,7 @@ class DPSGDEngine:
             for step in range(resumed_from + 1, last + 1):
                 self.hooks.before_step(name, step)
                 indices = self.sampler.sample()
+                self._set_learning_rates(step)
                 loss = self._logical_step(indices)
                 state = _advance(state, step, loss, len(indices))
                 metrics = {"batch_size": float(len(indices))}
@@ -258,6 +276,12 @@ class DPSGDEngine:
             samples_this_attempt=state.samples_seen - samples_before,
             seconds=seconds,
         )
+
+    def _set_learning_rates(self, step: int) -> None:
+        factor = lr_factor(self.config.lr_schedule, self.config.step_offset + step,
+                           self.phase.steps)  # fmt: skip
+        for group, base in zip(self.optimizer.param_groups, self.base_lrs, strict=True):
+            group["lr"] = base * factor
 
     def _logical_step(self, indices: list[int]) -> float:
         """One DP-SGD update on the Poisson batch ``indices``; returns its mean loss."""

@@ -12,7 +12,7 @@ from torch import nn
 from core.data import PoissonSampler, encode_dataset, split_physical
 from core.errors import JobCancelled
 from core.models import load_model
-from core.privacy.engine import DPSGDEngine, EngineConfig
+from core.privacy.engine import DPSGDEngine, EngineConfig, lr_factor
 from core.training.checkpoint import find_checkpoint
 from core.training.losses import classification_loss_per_example
 from tests.unit.torch_fakes import (
@@ -148,7 +148,8 @@ def test_split_physical_sorts_by_length_and_keeps_every_row():
     assert chunks == [[1, 3], [4, 0], [2]]
 
 
-def _engine(model, data, hooks, *, steps, q=0.25, sigma=0.8, every=2, mode="ghost"):
+def _engine(model, data, hooks, *, steps, q=0.25, sigma=0.8, every=2, mode="ghost",
+            schedule="constant"):  # fmt: skip
     return DPSGDEngine(
         model=model,
         optimizer=torch.optim.AdamW(model.parameters(), lr=1e-3),
@@ -158,7 +159,7 @@ def _engine(model, data, hooks, *, steps, q=0.25, sigma=0.8, every=2, mode="ghos
         hooks=hooks,
         config=EngineConfig(
             grad_sample_mode=mode, physical_batch_size=4, checkpoint_every=every,
-            sampler_seed=5, noise_seed=6,
+            sampler_seed=5, noise_seed=6, lr_schedule=schedule,
         ),
     )  # fmt: skip
 
@@ -203,6 +204,27 @@ def test_kill_and_resume_matches_an_uninterrupted_run(tmp_path):
     assert hooks.before == [1, 2, 3, 4, 5, 6] and hooks.charged == steps  # nothing wasted
     assert result.resumed_from == 4 and result.last_step == steps == straight.before[-1]
     torch.testing.assert_close(_flat(resumed_model), _flat(straight_model), rtol=0, atol=1e-6)
+
+
+def test_linear_lr_schedule_decays_per_step_and_survives_a_resume(tmp_path):
+    steps = 4
+    model, tok = _tiny_bert()
+    data = _dataset(tok, 16)
+    hooks = RecordingHooks(steps, tmp_path, cancel_before_step=4)
+    engine = _engine(model, data, hooks, steps=steps, schedule="linear")
+    lrs: list[float] = []
+    step = engine._logical_step
+    engine._logical_step = lambda idx: (lrs.append(engine.optimizer.param_groups[0]["lr"]),
+                                        step(idx))[1]  # fmt: skip
+    with pytest.raises(JobCancelled):
+        engine.run()
+    resumed = _engine(_tiny_bert()[0], data, hooks, steps=steps, schedule="linear")
+    step2 = resumed._logical_step
+    resumed._logical_step = lambda idx: (lrs.append(resumed.optimizer.param_groups[0]["lr"]),
+                                         step2(idx))[1]  # fmt: skip
+    resumed.run()  # from the step-2 checkpoint; step 3 was charged and lost: the phase ends at 3
+    assert lrs == pytest.approx([1e-3, 0.75e-3, 0.5e-3, 0.5e-3])  # step 3 again at 0.5e-3
+    assert lr_factor("constant", 3, 4) == 1.0 and lr_factor("linear", 9, 4) == 0.25
 
 
 def test_resume_after_wasted_steps_ends_where_begin_phase_says(tmp_path):
