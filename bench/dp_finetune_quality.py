@@ -75,9 +75,9 @@ class MemoryHooks:
 
 
 def parse_train_body(text: str) -> bool | str:
-    """``--train-body``: ``bitfit``, ``lora``, or a boolean (true/false/yes/no/1/0)."""
+    """``--train-body``: ``bitfit``, or a boolean (true/false/yes/no/1/0)."""
     text = text.lower()
-    return text if text in ("bitfit", "lora") else text in ("1", "true", "yes")
+    return "bitfit" if text == "bitfit" else text in ("1", "true", "yes")
 
 
 def training_overrides(args) -> dict[str, Any]:

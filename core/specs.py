@@ -14,7 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 Method = Literal["dp_finetune", "dpkd", "dpimp_structured", "dpimp_unstructured", "distildp"]
 # How much of the pretrained body trains: True (all), "bitfit" (biases and normalisation
 # weights only; Ben Zaken et al. 2022, the DP variant of Yu et al. 2022) or False (none).
-BodyTraining = bool | Literal["bitfit", "lora"]
+BodyTraining = bool | Literal["bitfit"]
 # BitFit's few parameters need a far larger step than full fine-tuning (MiniLM-L6, SST-2
 # 8,192 rows, ε = 8: 1e-3 → 81.2 % dev accuracy; bench/dp_finetune_quality.py).
 BITFIT_LEARNING_RATE = 1e-3
@@ -110,7 +110,7 @@ class TrainingSpec(_Strict):
 
     def body_learning_rate(self, body: BodyTraining) -> float:
         """``learning_rate``, or :data:`BITFIT_LEARNING_RATE` for BitFit when left unset."""
-        if body in ("bitfit", "lora") and "learning_rate" not in self.model_fields_set:
+        if body == "bitfit" and "learning_rate" not in self.model_fields_set:
             return BITFIT_LEARNING_RATE
         return self.learning_rate
 

@@ -28,7 +28,6 @@ from core.data import encode_dataset
 from core.errors import InvalidRequest
 from core.models import load_model, load_snippet, save_model
 from core.models.loading import Task
-from core.models.lora import add_lora, merge_lora
 from core.privacy.embedding_frequencies import fest_rows
 from core.privacy.engine import DPSGDEngine, EngineConfig
 from core.privacy.planner import plan_embedding_noise
@@ -38,7 +37,7 @@ from core.training.losses import (
     causal_lm_loss_per_example,
     classification_loss_per_example,
 )
-from core.training.optim import FINETUNE_CLASSIFIER_BODY, body_training, dp_optimizer
+from core.training.optim import FINETUNE_CLASSIFIER_BODY, dp_optimizer
 
 PHASE = "train"
 
@@ -71,9 +70,6 @@ def run(ctx: JobContext) -> RecipeResult:
     )  # fmt: skip
 
     # 3. what trains (core.training.optim), per-group lr: body vs freshly initialised head
-    lora = body_training(spec, task=task, classifier_body=FINETUNE_CLASSIFIER_BODY) == "lora"
-    if lora:
-        add_lora(model)
     opt = dp_optimizer(model, spec, task=task, classifier_body=FINETUNE_CLASSIFIER_BODY)
 
     # 3b. embedding.mode fest / adafest: row-sparse embedding updates (accounted at σ)
@@ -101,8 +97,6 @@ def run(ctx: JobContext) -> RecipeResult:
         sparse_embedding=sparse,
     )
     result = engine.run()
-    if lora:
-        merge_lora(model)
     model.eval()
 
     # 5. evaluation on the user's separate eval dataset (non-private, flagged)

@@ -216,8 +216,6 @@ def split_trainable(
             trained = train_embeddings
         elif train_body == "bitfit":
             trained = is_bitfit_parameter(name)
-        elif train_body == "lora":  # adapters (core.models.lora) + BitFit
-            trained = is_bitfit_parameter(name) or ".lora_" in name
         else:
             trained = bool(train_body)
         if not trained:  # never re-enables a weight frozen at load (a tied embedding)
