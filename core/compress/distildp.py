@@ -64,11 +64,11 @@ from core.compress.synthetic import (
 from core.data import encode_dataset
 from core.errors import InvalidRequest
 from core.models import load_model, load_snippet, save_model
-from core.privacy.engine import DPSGDEngine, EngineConfig
+from core.privacy.engine import DPSGDEngine
 from core.recipe_api import JobContext, RecipeResult
 from core.specs import DistillSpec
 from core.training.losses import causal_lm_loss_per_example
-from core.training.optim import dp_optimizer
+from core.training.optim import dp_optimizer, engine_config
 
 TEACHER, HISTOGRAM = "teacher", "histogram"
 PAPER_ALPHA, PAPER_TEMPERATURE = 0.4, 1.0  # λ, τ of Flemings & Annavaram 2024
@@ -231,9 +231,7 @@ def train_dp_teacher(ctx: JobContext, teacher, tokenizer) -> dict:
         optimizer=dp_optimizer(teacher, spec, task="causal_lm", classifier_body=True).optimizer,
         phase=ctx.plan.phase(TEACHER), dataset=private_rows,
         loss_fn=causal_lm_loss_per_example, hooks=ctx.hooks,
-        config=EngineConfig(grad_sample_mode=training.grad_sample_mode,
-                            physical_batch_size=training.physical_batch_size,
-                            checkpoint_every=_checkpoint_every()),
+        config=engine_config(training),
         device=ctx.device,
     )  # fmt: skip
     result = engine.run()
@@ -324,8 +322,3 @@ def _student_progress(ctx: JobContext, step: int, total: int, metrics: dict) -> 
 
 
 
-
-def _checkpoint_every() -> int:
-    from core.settings import get_settings
-
-    return get_settings().checkpoint_every_steps

@@ -29,7 +29,7 @@ from core.errors import InvalidRequest
 from core.models import load_model, load_snippet, save_model
 from core.models.loading import Task
 from core.privacy.embedding_frequencies import fest_rows
-from core.privacy.engine import DPSGDEngine, EngineConfig
+from core.privacy.engine import DPSGDEngine
 from core.privacy.planner import plan_embedding_noise
 from core.privacy.sparse_embedding import SparseEmbeddingUpdate
 from core.recipe_api import JobContext, RecipeResult
@@ -37,7 +37,7 @@ from core.training.losses import (
     causal_lm_loss_per_example,
     classification_loss_per_example,
 )
-from core.training.optim import FINETUNE_CLASSIFIER_BODY, dp_optimizer
+from core.training.optim import FINETUNE_CLASSIFIER_BODY, dp_optimizer, engine_config
 
 PHASE = "train"
 
@@ -87,12 +87,7 @@ def run(ctx: JobContext) -> RecipeResult:
             else causal_lm_loss_per_example
         ),
         hooks=hooks,
-        config=EngineConfig(
-            grad_sample_mode=training.grad_sample_mode,
-            physical_batch_size=training.physical_batch_size,
-            checkpoint_every=_checkpoint_every(),
-            lr_schedule=training.lr_schedule,
-        ),
+        config=engine_config(training),
         device=ctx.device,
         sparse_embedding=sparse,
     )
@@ -204,8 +199,3 @@ def _setup_sparse_embedding(
     )  # fmt: skip
     return sparse
 
-
-def _checkpoint_every() -> int:
-    from core.settings import get_settings
-
-    return get_settings().checkpoint_every_steps

@@ -53,12 +53,12 @@ from core.data import encode_dataset
 from core.errors import InvalidRequest
 from core.models import load_model, load_snippet, save_model
 from core.models.loading import Task
-from core.privacy.engine import DPSGDEngine, EngineConfig
+from core.privacy.engine import DPSGDEngine
 from core.recipe_api import JobContext, RecipeHooks, RecipeResult
 from core.training.checkpoint import find_checkpoint
 from core.training.losses import causal_lm_loss_per_example, classification_loss_per_example
 from core.training.optim import COMPRESSION_CLASSIFIER_BODY as CLASSIFIER_BODY
-from core.training.optim import body_training, dp_optimizer
+from core.training.optim import body_training, dp_optimizer, engine_config
 
 PHASE = "train"
 # What trains by default (a classifier: only its head, measured best for this recipe) and
@@ -242,9 +242,7 @@ def _train_segment(ctx: JobContext, model, rows, seg_hooks: SegmentHooks, task: 
         loss_fn=(classification_loss_per_example if task == "classification"
                  else causal_lm_loss_per_example),
         hooks=seg_hooks,
-        config=EngineConfig(grad_sample_mode=training.grad_sample_mode,
-                            physical_batch_size=training.physical_batch_size,
-                            checkpoint_every=_checkpoint_every()),
+        config=engine_config(training, step_offset=seg_hooks.start),
         device=ctx.device,
     )  # fmt: skip
     return engine.run()
@@ -328,8 +326,3 @@ def _summarise(segments: list) -> dict:
         "train_seconds": round(sum(r.seconds for _, r in segments), 3),
     }
 
-
-def _checkpoint_every() -> int:
-    from core.settings import get_settings
-
-    return get_settings().checkpoint_every_steps

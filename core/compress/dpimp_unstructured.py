@@ -53,11 +53,11 @@ from core.data import encode_dataset
 from core.errors import InvalidRequest
 from core.models import load_model, save_model
 from core.models.loading import Task
-from core.privacy.engine import DPSGDEngine, EngineConfig
+from core.privacy.engine import DPSGDEngine
 from core.recipe_api import JobContext, RecipeHooks, RecipeResult
 from core.training.losses import causal_lm_loss_per_example, classification_loss_per_example
 from core.training.optim import COMPRESSION_CLASSIFIER_BODY as CLASSIFIER_BODY
-from core.training.optim import body_training, dp_optimizer
+from core.training.optim import body_training, dp_optimizer, engine_config
 
 PHASE = "train"
 # What trains by default (a classifier: only its head, measured best for this recipe) and
@@ -177,9 +177,7 @@ def run(ctx: JobContext) -> RecipeResult:
         loss_fn=(classification_loss_per_example if task == "classification"
                  else causal_lm_loss_per_example),
         hooks=masking,
-        config=EngineConfig(grad_sample_mode=training.grad_sample_mode,
-                            physical_batch_size=training.physical_batch_size,
-                            checkpoint_every=_checkpoint_every()),
+        config=engine_config(training),
         device=ctx.device,
     )  # fmt: skip
     result = engine.run()
@@ -227,8 +225,3 @@ def run(ctx: JobContext) -> RecipeResult:
     }
     return RecipeResult(metrics=metrics, model_card_extra=card)
 
-
-def _checkpoint_every() -> int:
-    from core.settings import get_settings
-
-    return get_settings().checkpoint_every_steps

@@ -51,11 +51,11 @@ from core.models import (
     save_model,
 )
 from core.models.loading import LoadedModel, Task
-from core.privacy.engine import DPSGDEngine, EngineConfig, PhaseResult
+from core.privacy.engine import DPSGDEngine, PhaseResult
 from core.recipe_api import JobContext, RecipeResult
 from core.training.losses import causal_lm_loss_per_example, classification_loss_per_example
 from core.training.optim import COMPRESSION_CLASSIFIER_BODY as CLASSIFIER_BODY
-from core.training.optim import body_training, dp_optimizer
+from core.training.optim import body_training, dp_optimizer, engine_config
 
 TEACHER, STUDENT = "teacher", "student"
 # What trains by default (a classifier: only its head, measured best for this recipe) and
@@ -191,9 +191,7 @@ def _dp_sgd(
             model, ctx.spec, task=ctx.train.task, classifier_body=CLASSIFIER_BODY
         ).optimizer,
         phase=ctx.plan.phase(phase_name), dataset=rows, loss_fn=loss_fn, hooks=ctx.hooks,
-        config=EngineConfig(grad_sample_mode=training.grad_sample_mode,
-                            physical_batch_size=training.physical_batch_size,
-                            checkpoint_every=_checkpoint_every()),
+        config=engine_config(training),
         device=ctx.device,
     )  # fmt: skip
     return engine.run()
@@ -209,8 +207,3 @@ def _save_teacher(teacher, folder: Path, metrics: dict) -> None:
 
 
 
-
-def _checkpoint_every() -> int:
-    from core.settings import get_settings
-
-    return get_settings().checkpoint_every_steps

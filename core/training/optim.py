@@ -26,7 +26,8 @@ import torch
 from torch import nn
 
 from core.models import split_trainable
-from core.specs import BodyTraining, JobSpec
+from core.privacy.engine import EngineConfig
+from core.specs import BodyTraining, JobSpec, TrainingSpec
 
 HEAD_LR = 2e-2
 FINETUNE_CLASSIFIER_BODY: BodyTraining = "bitfit"  # dp_finetune
@@ -71,4 +72,23 @@ def dp_optimizer(
         learning_rate=body_lr,
         head_learning_rate=head_lr if head else None,
         trainable_parameters=sum(p.numel() for p in body + head),
+    )
+
+
+def engine_config(training: TrainingSpec, *, step_offset: int = 0) -> EngineConfig:
+    """The DP engine's options from the job's training spec (clipping mode, physical batch,
+    lr schedule) and the worker's checkpoint interval (``DPC_CHECKPOINT_EVERY_STEPS``).
+
+    Args:
+        step_offset: steps of the phase run before this engine's first (a phase split into
+            segments), so the lr schedule follows the whole phase.
+    """
+    from core.settings import get_settings
+
+    return EngineConfig(
+        grad_sample_mode=training.grad_sample_mode,
+        physical_batch_size=training.physical_batch_size,
+        checkpoint_every=get_settings().checkpoint_every_steps,
+        lr_schedule=training.lr_schedule,
+        step_offset=step_offset,
     )

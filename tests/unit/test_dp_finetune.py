@@ -127,10 +127,10 @@ def test_dp_finetune_learns_a_learnable_task(tmp_path, monkeypatch):
     """Low noise on an easy synthetic task: a DP run that predicts one class fails.
 
     Measured with seeds 0-3: 95-98% accuracy (majority class: 65%)."""
-    import core.compress.dp_finetune as recipe
+    import core.training.optim as optim
 
     seeded = functools.partial(EngineConfig, sampler_seed=0, noise_seed=0)
-    monkeypatch.setattr(recipe, "EngineConfig", seeded)
+    monkeypatch.setattr(optim, "EngineConfig", seeded)
     hooks = RecordingHooks(40, tmp_path / "ckpt")
     ctx = _ctx(tmp_path, base="tiny:bert", task="classification", n_train=256, n_eval=128,
                steps=40, batch=64, hooks=hooks, lr=5e-3)  # fmt: skip

@@ -225,6 +225,14 @@ def test_linear_lr_schedule_decays_per_step_and_survives_a_resume(tmp_path):
     resumed.run()  # from the step-2 checkpoint; step 3 was charged and lost: the phase ends at 3
     assert lrs == pytest.approx([1e-3, 0.75e-3, 0.5e-3, 0.5e-3])  # step 3 again at 0.5e-3
     assert lr_factor("constant", 3, 4) == 1.0 and lr_factor("linear", 9, 4) == 0.25
+    segment = DPSGDEngine(  # a later segment of the same phase follows the phase's curve
+        model=_tiny_bert()[0], optimizer=torch.optim.AdamW(model.parameters(), lr=1e-3),
+        phase=dp_phase(sample_rate=0.25, noise_multiplier=0.8, steps=steps), dataset=data,
+        loss_fn=classification_loss_per_example, hooks=RecordingHooks(steps, tmp_path / "s"),
+        config=EngineConfig(lr_schedule="linear", step_offset=2),
+    )  # fmt: skip
+    segment._set_learning_rates(1)
+    assert segment.optimizer.param_groups[0]["lr"] == pytest.approx(0.5e-3)
 
 
 def test_resume_after_wasted_steps_ends_where_begin_phase_says(tmp_path):
