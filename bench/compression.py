@@ -105,7 +105,7 @@ def run_method(method: str, epsilon: float, args, train, dev) -> dict:
         "model": {"base": "bundled:minilm-l6"},
         "privacy": {"epsilon": epsilon, "delta": args.delta},
         "compression": {"target_sparsity": 0.5, "student_layers": 3, "prune_rounds": args.rounds,
-                        "prune_schedule": "cubic", "structures": ["layers", "ffn"]},
+                        "prune_schedule": "cubic"},
         "training": {"epochs": args.epochs, "batch_size": args.batch,
                      "physical_batch_size": args.physical, "max_seq_length": args.seq,
                      "head_learning_rate": args.head_lr, "seed": 0,

@@ -261,8 +261,9 @@ def _prune(model, structure: Structure, original, comp, *, sparsity: float, step
     )
     weights = {name: p.detach() for name, p in model.named_parameters()}  # weights only
     keep_layers, keep_neurons = select_structures(
-        weights, encoder_anatomy(model), num_layers=layers, width=width
-    )
+        weights, encoder_anatomy(model), num_layers=layers, width=width,
+        layer_selection=comp.layer_selection,
+    )  # fmt: skip
     smaller = shrink_model(model, keep_layers=keep_layers, keep_neurons=keep_neurons)
     layer_ids = [structure.layer_ids[i] for i in keep_layers]
     event = {

@@ -32,6 +32,7 @@ from torch import nn
 from core.errors import InvalidRequest
 
 Schedule = Literal["cubic", "stepwise"]
+LayerSelection = Literal["top", "magnitude"]
 MIN_FFN_SHARE = 0.125  # structured, layers + FFN: narrow FFNs to 1/8 before dropping layers
 
 
@@ -334,11 +335,26 @@ def neuron_scores(weights: Mapping[str, torch.Tensor], anatomy: Anatomy, layer: 
 
 
 def select_structures(
-    weights: Mapping[str, torch.Tensor], anatomy: Anatomy, *, num_layers: int, width: int
+    weights: Mapping[str, torch.Tensor],
+    anatomy: Anatomy,
+    *,
+    num_layers: int,
+    width: int,
+    layer_selection: LayerSelection = "magnitude",
 ) -> tuple[list[int], list[list[int]]]:
-    """The ``num_layers`` layers and, in each, the ``width`` FFN neurons with the largest
-    magnitude scores (indices into the current model, ascending)."""
-    keep_layers = sorted(torch.topk(layer_scores(weights, anatomy), num_layers).indices.tolist())
+    """The ``num_layers`` layers to keep and, in each, the ``width`` FFN neurons with the
+    largest magnitude scores (indices into the current model, ascending).
+
+    Args:
+        layer_selection: "magnitude" keeps the layers with the largest mean |w|; "top"
+            removes the top layers and keeps the first ``num_layers`` (Sajjad et al. 2023:
+            of the layer-dropping orders tried on BERT, top-down keeps the most accuracy).
+    """
+    if layer_selection == "top":
+        keep_layers = list(range(num_layers))
+    else:
+        scores = layer_scores(weights, anatomy)
+        keep_layers = sorted(torch.topk(scores, num_layers).indices.tolist())
     keep_neurons = [
         sorted(torch.topk(neuron_scores(weights, anatomy, i), width).indices.tolist())
         for i in keep_layers

@@ -15,10 +15,12 @@ from core.compress import RECIPES, load_recipe
 from core.compress.distill import build_student, evenly_spaced_layers, kd_loss_per_example
 from core.compress.pruning import (
     EncoderShape,
+    encoder_anatomy,
     global_magnitude_masks,
     prunable_weights,
     prune_events,
     pruning_events,
+    select_structures,
     shrink_model,
     structure_sizes,
     zero_optimizer_state,
@@ -186,6 +188,19 @@ def test_zero_optimizer_state_clears_adam_moments_at_pruned_positions():
     zero_optimizer_state(opt, {"w": w}, {"w": mask})
     for key in ("exp_avg", "exp_avg_sq"):
         assert (opt.state[w][key][~mask] == 0).all() and (opt.state[w][key][mask] != 0).all()
+
+
+def test_layer_selection_keeps_the_bottom_layers_or_the_largest_magnitudes():
+    model = _tiny_bert().model
+    anatomy = encoder_anatomy(model)
+    weights = {n: p.detach().clone() for n, p in model.named_parameters()}
+    for name in weights:  # layer 0 gets the smallest weights
+        if name.startswith("bert.encoder.layer.0.") and weights[name].dim() == 2:
+            weights[name] *= 0.01
+    top, _ = select_structures(weights, anatomy, num_layers=1, width=8, layer_selection="top")
+    by_magnitude, neurons = select_structures(weights, anatomy, num_layers=1, width=8,
+                                              layer_selection="magnitude")  # fmt: skip
+    assert top == [0] and by_magnitude == [1] and len(neurons[0]) == 8
 
 
 def test_structure_sizes_meet_the_target_and_refuse_the_impossible():
