@@ -10,7 +10,8 @@ student of ``--base``:
   sampled from the PUBLIC pre-trained base instead of the DP teacher) trained
   directly with DP-SGD on the private rows at the whole ε (one phase);
 * ``dpkd``: the real dpkd recipe (DP teacher, then DP-SGD KD student on the private
-  rows), ε split 50/50; its student copies evenly spaced teacher layers.
+  rows), ε split 50/50; its student's layers are chosen on texts sampled from its DP
+  teacher.
 
 Private datasets (uploads are all-codes or no-codes, so these are two separate runs):
 
@@ -127,8 +128,7 @@ def job_spec(method: str, epsilon: float, args) -> Any:
         "method": method, "dataset_id": "ds_bench", "eval_dataset_id": "ds_eval",
         "model": {"base": args.base}, "privacy": {"epsilon": epsilon},
         "compression": {"student_layers": args.student_layers,
-                        **({"student_layer_selection": args.student_layer_selection}
-                           if method == "distildp" else {})},
+                        "student_layer_selection": args.student_layer_selection},
         "training": {"epochs": args.epochs, "batch_size": args.batch_size,
                      "physical_batch_size": args.physical_batch_size,
                      "learning_rate": args.lr, "max_seq_length": args.max_seq_length},
@@ -221,7 +221,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--student-layers", type=int, default=20)
     p.add_argument("--student-layer-selection", default="similar_block",
                    choices=["similar_block", "evenly_spaced"],
-                   help="distildp and dp_sgd_student (dpkd copies evenly spaced layers)")
+                   help="every method's student (similar_block: chosen on texts sampled from "
+                   "the DP teacher, or from the public base for dp_sgd_student)")
     p.add_argument("--num-samples", type=int, default=2000)
     p.add_argument("--max-new-tokens", type=int, default=48)
     p.add_argument("--epochs", type=float, default=2)

@@ -67,11 +67,11 @@ class CompressionSpec(_Strict):
     student_init: Literal["teacher", "pretrained"] = Field(
         "teacher", description="dpkd: copy the student's evenly spaced layers from the DP "
         "teacher (default) or from the pre-trained base model")
-    student_layer_selection: Literal["evenly_spaced", "similar_block"] = Field(
-        "similar_block", description="distildp: which teacher layers the student copies — "
-        "all but the contiguous block whose input and output hidden states are most alike "
-        "on the synthetic text (default), or evenly spaced ones (dpkd always uses evenly "
-        "spaced layers)")
+    student_layer_selection: Literal["evenly_spaced", "similar_block"] | None = Field(
+        None, description="which teacher layers the student copies: all but the contiguous "
+        "block whose input and output hidden states are most alike on text sampled from "
+        "the DP teacher (distildp's default: its synthetic text; dpkd: causal LMs only), or "
+        "evenly spaced ones (dpkd's default)")
     prune_schedule: Literal["cubic", "stepwise"] = "cubic"
     prune_rounds: int = Field(5, ge=1, le=100)
     structures: list[Literal["heads", "ffn", "layers"]] = Field(

@@ -123,8 +123,9 @@ def run(ctx: JobContext) -> RecipeResult:
 
     # 4. the student: teacher layers chosen on the synthetic text, distilled on it only
     t0 = time.monotonic()
+    layer_selection = comp.student_layer_selection or "similar_block"
     copied = student_layers(
-        teacher, comp.student_layers, selection=comp.student_layer_selection,
+        teacher, comp.student_layers, selection=layer_selection,
         synthetic=synthetic, tokenizer=tokenizer, max_seq_length=training.max_seq_length,
         device=ctx.device,
     )  # fmt: skip
@@ -142,7 +143,7 @@ def run(ctx: JobContext) -> RecipeResult:
             "alpha": alpha,
             "temperature": temperature,
             "copied_layers": copied,
-            "layer_selection": comp.student_layer_selection,
+            "layer_selection": layer_selection,
         },
     )
     student_result = train_student_on_synthetic(
@@ -176,7 +177,7 @@ def run(ctx: JobContext) -> RecipeResult:
         "teacher_layers": teacher_layers,
         "student_layers": comp.student_layers,
         "copied_layers": copied,
-        "student_layer_selection": comp.student_layer_selection,
+        "student_layer_selection": layer_selection,
         "alpha": alpha,
         "temperature": temperature,
         "distill_weights_from": weights_from,

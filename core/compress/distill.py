@@ -1,8 +1,8 @@
 """Knowledge distillation pieces of DPKD (Mireshghallah et al. 2022, Alg. 1).
 
-* :func:`build_student`: a student with k of the teacher's L layers, copied from evenly
-  spaced teacher layers, with the teacher's embeddings and head (post-processing of the
-  DP teacher's weights: no privacy cost);
+* :func:`evenly_spaced_layers`: which k of the teacher's L layers a student copies (with
+  the teacher's embeddings and head, :func:`core.compress.pruning.shrink_model`;
+  post-processing of the DP teacher's weights: no privacy cost);
 * :func:`kd_loss_per_example`: the per-example distillation loss (Hinton et al. 2015)
 
       ℓ_i = (1 − α) · CE(y_i, s_i) + α · T² · KL(softmax(t_i / T) ‖ softmax(s_i / T))
@@ -16,13 +16,10 @@
 
 from __future__ import annotations
 
-from typing import Any, cast
-
 import torch
 from torch import nn
 from torch.nn import functional as F
 
-from core.compress.pruning import encoder_anatomy, shrink_model
 from core.data import IGNORE_INDEX
 from core.errors import InvalidRequest
 from core.training.losses import model_inputs
@@ -44,20 +41,6 @@ def evenly_spaced_layers(num_teacher_layers: int, num_student_layers: int) -> li
             param="compression.student_layers",
         )
     return [round((i + 1) * L / k) - 1 for i in range(k)]
-
-
-def build_student(source: nn.Module, num_layers: int) -> Any:
-    """A ``num_layers``-layer copy of ``source`` (the DP teacher, or the pre-trained base
-    with its head) keeping its evenly spaced layers, embeddings and head.
-
-    Returns:
-        A new model with its own tensors (nothing shared with ``source``) whose config says
-        ``num_hidden_layers = num_layers``.
-    """
-    anatomy = encoder_anatomy(source)
-    teacher_layers = len(cast(nn.ModuleList, source.get_submodule(anatomy.layers)))
-    keep = evenly_spaced_layers(teacher_layers, num_layers)
-    return shrink_model(source, keep_layers=keep)
 
 
 def kd_loss_per_example(

@@ -8,7 +8,9 @@
           dataset (that job's ledger holds its ε): load it
     2. the student: ``compression.student_layers`` layers copied from evenly spaced layers
        of the DP teacher, with its embeddings and head (post-processing, no privacy cost);
-       or of the pre-trained base (``compression.student_init = "pretrained"``)
+       or of the pre-trained base (``compression.student_init = "pretrained"``). A causal
+       LM may instead keep all but the contiguous block of layers whose ends are most alike
+       on texts sampled from the DP teacher (``compression.student_layer_selection``)
     3. DP-SGD phase "student" on the private rows with the per-example loss
          ℓ_i = (1 − α)·CE(y_i, s_i) + α·T²·KL(softmax(t_i/T) ‖ softmax(s_i/T))
        (teacher in eval mode under no_grad; ghost clipping wraps the [B] vector)
@@ -34,14 +36,16 @@ from safetensors.torch import load_model as load_safetensors
 from safetensors.torch import save_model as save_safetensors
 from torch import nn
 
-from core.compress.distill import build_student, evenly_spaced_layers, make_kd_loss
-from core.compress.pruning import encoder_anatomy
+from core.compress.causal_distill import BLOCK_SELECTION_TEXTS, student_layers
+from core.compress.distill import evenly_spaced_layers, make_kd_loss
+from core.compress.pruning import encoder_anatomy, shrink_model
 from core.compress.report import (
     compression_report,
     eval_metrics,
     evaluate_on_eval_set,
     phase_run_metrics,
 )
+from core.compress.synthetic import generate_synthetic
 from core.data import encode_dataset
 from core.errors import InvalidRequest
 from core.models import (
@@ -73,12 +77,12 @@ def run(ctx: JobContext) -> RecipeResult:
             "'frozen'",
             param="embedding.mode",
         )
-    if comp.student_layer_selection != "evenly_spaced" and (
-        "student_layer_selection" in comp.model_fields_set
-    ):
+    layer_selection = comp.student_layer_selection or "evenly_spaced"
+    if layer_selection == "similar_block" and task != "causal_lm":
         raise InvalidRequest(
-            "compression.student_layer_selection='similar_block' needs non-private text to "
-            "compare layers on (distildp's synthetic text); dpkd copies evenly spaced layers",
+            "compression.student_layer_selection='similar_block' compares layers on text "
+            "sampled from the DP teacher, so it needs a causal LM; a classifier's student "
+            "copies evenly spaced layers",
             param="compression.student_layer_selection",
         )
     torch.manual_seed(training.seed)  # dropout; DP noise and sampling have their own RNGs
@@ -115,9 +119,19 @@ def run(ctx: JobContext) -> RecipeResult:
         teacher_source = "DP-SGD fine-tuned base (phase teacher)"
     teacher.to(ctx.device).eval()
 
-    # 2. the student: evenly spaced layers of the teacher (or of the pre-trained base)
+    # 2. the student: layers of the teacher (or of the pre-trained base), evenly spaced or
+    #    all but the most similar block on texts sampled from the DP teacher (post-processing)
+    if layer_selection == "similar_block":
+        samples = generate_synthetic(
+            teacher, tokenizer, controls=[None] * BLOCK_SELECTION_TEXTS,
+            max_new_tokens=spec.synthetic.max_new_tokens, seed=training.seed, device=ctx.device,
+        )  # fmt: skip
+        copied = student_layers(
+            teacher, comp.student_layers, selection=layer_selection, synthetic=samples,
+            tokenizer=tokenizer, max_seq_length=training.max_seq_length, device=ctx.device,
+        )  # fmt: skip
     source = teacher if comp.student_init == "teacher" else _load_base(ctx, task).model
-    student = build_student(source, comp.student_layers).to(ctx.device)
+    student = shrink_model(source, keep_layers=copied).to(ctx.device)
     for p in student.parameters():  # not the teacher's training flags: a fresh start
         p.requires_grad_(True)
     apply_tied_weights_policy(student, spec.model.tied_weights)
@@ -150,6 +164,7 @@ def run(ctx: JobContext) -> RecipeResult:
         "student_layers": comp.student_layers,
         "student_init": comp.student_init,
         "copied_layers": copied,
+        "student_layer_selection": layer_selection,
         "alpha": spec.distill.alpha,
         "temperature": spec.distill.temperature,
         "pooling": loaded.pooling,

@@ -3,6 +3,7 @@ dpimp_unstructured) and their building blocks, on tiny random models."""
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Any
 
@@ -12,7 +13,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from core.compress import RECIPES, load_recipe
-from core.compress.distill import build_student, evenly_spaced_layers, kd_loss_per_example
+from core.compress.distill import evenly_spaced_layers, kd_loss_per_example
 from core.compress.pruning import (
     EncoderShape,
     encoder_anatomy,
@@ -484,7 +485,7 @@ def test_student_copies_evenly_spaced_teacher_layers():
     with pytest.raises(InvalidRequest, match="student_layers"):
         evenly_spaced_layers(2, 3)
     teacher = _tiny_bert().model
-    student = build_student(teacher, 1)
+    student = shrink_model(teacher, keep_layers=evenly_spaced_layers(2, 1))
     assert student.config.num_hidden_layers == 1
     t_layer, s_layer = teacher.bert.encoder.layer[1], student.bert.encoder.layer[0]
     for (name, t), (_, s) in zip(
@@ -548,12 +549,21 @@ def test_dpkd_charges_both_phases_exactly_and_saves_a_loadable_student(tmp_path)
     assert student.config.num_hidden_layers == 1
 
 
-def test_dpkd_refuses_the_similar_block_layer_choice_before_any_step(tmp_path):
+def test_dpkd_similar_block_needs_a_causal_lm_and_reads_only_teacher_samples(tmp_path):
     spec = _spec("dpkd", student_layers=1, student_layer_selection="similar_block")
-    ctx, hooks = _ctx(tmp_path, spec, {"teacher": 2, "student": 2})
-    with pytest.raises(InvalidRequest) as err:
+    ctx, hooks = _ctx(tmp_path / "cls", spec, {"teacher": 2, "student": 2})
+    with pytest.raises(InvalidRequest) as err:  # a classifier cannot sample text
         load_recipe("dpkd")(ctx)
     assert err.value.param == "compression.student_layer_selection" and not hooks.before
+
+    spec = _spec("dpkd", base="tiny:llama", student_layers=1,
+                 student_layer_selection="similar_block")  # fmt: skip
+    ctx, hooks = _ctx(tmp_path / "lm", spec, {"teacher": 2, "student": 2})
+    ctx = dataclasses.replace(ctx, train=view(text_rows(32, seed=1), task="causal_lm"),
+                              eval=view(text_rows(8, seed=2), task="causal_lm", ds_id="ds_eval"))
+    m = load_recipe("dpkd")(ctx).metrics
+    assert m["student_layer_selection"] == "similar_block" and m["copied_layers"] == [1]
+    assert hooks.charged == {"teacher": 2, "student": 2}  # the samples cost no step
 
 
 def test_dpkd_epsilon_is_the_composition_of_teacher_and_student_not_their_sum():
