@@ -164,11 +164,8 @@ def run_dp_sgd_student(epsilon: float, train: list[dict], eval_rows: list[dict],
     """The same student shape trained directly with DP-SGD on the private rows."""
     import torch
 
-    from core.compress.causal_distill import (
-        BLOCK_SELECTION_TEXTS,
-        build_causal_student,
-        student_layers,
-    )
+    from core.compress.causal_distill import BLOCK_SELECTION_TEXTS, student_layers
+    from core.compress.pruning import shrink_model
     from core.compress.synthetic import generate_synthetic
     from core.data import encode_dataset
     from core.models import load_model, split_trainable
@@ -189,7 +186,7 @@ def run_dp_sgd_student(epsilon: float, train: list[dict], eval_rows: list[dict],
                             selection=args.student_layer_selection, synthetic=public,
                             tokenizer=tok, max_seq_length=args.max_seq_length,
                             device=args.device)  # fmt: skip
-    student = build_causal_student(loaded.model, layers)
+    student = shrink_model(loaded.model, keep_layers=layers)
     rows = encode_dataset(DatasetView("ds_bench", "causal_lm", [], train), tok,
                           task="causal_lm", max_seq_length=args.max_seq_length)  # fmt: skip
     body, _ = split_trainable(student)

@@ -29,7 +29,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from core.compress.distill import evenly_spaced_layers, kd_loss_per_example
-from core.compress.pruning import encoder_anatomy, shrink_model
+from core.compress.pruning import encoder_anatomy
 from core.compress.synthetic import SyntheticSet
 from core.data import IGNORE_INDEX, encode_dataset
 from core.recipe_api import DatasetView
@@ -87,12 +87,6 @@ def student_layers(
                 distance[first] += float(torch.arccos(cos.clamp(-1, 1)).sum() / math.pi)
     first = int(torch.argmin(distance))
     return [i for i in range(total) if not first <= i < first + drop]
-
-
-def build_causal_student(teacher: nn.Module, layers: list[int]) -> nn.Module:
-    """A Llama-style student copying the teacher ``layers`` (embeddings, final norm and
-    LM head copied too; tied embeddings stay tied)."""
-    return shrink_model(teacher, keep_layers=layers)
 
 
 def _encode(synthetic: SyntheticSet, tokenizer, max_seq_length: int):

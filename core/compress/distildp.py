@@ -41,12 +41,11 @@ from safetensors.torch import save_model as save_safetensors
 
 from core.compress.causal_distill import (
     StudentTraining,
-    build_causal_student,
     student_layers,
     train_student_on_synthetic,
 )
 from core.compress.distill import evenly_spaced_layers
-from core.compress.pruning import encoder_anatomy
+from core.compress.pruning import encoder_anatomy, shrink_model
 from core.compress.report import (
     compression_report,
     eval_metrics,
@@ -129,7 +128,7 @@ def run(ctx: JobContext) -> RecipeResult:
         synthetic=synthetic, tokenizer=tokenizer, max_seq_length=training.max_seq_length,
         device=ctx.device,
     )  # fmt: skip
-    student: Any = build_causal_student(teacher, copied)
+    student: Any = shrink_model(teacher, keep_layers=copied)  # tied embeddings stay tied
     student_config = StudentTraining(
         alpha=alpha, temperature=temperature,
         epochs=spec.synthetic.student_epochs or training.epochs,

@@ -15,12 +15,12 @@ from core.compress import load_recipe
 from core.compress.causal_distill import (
     HiddenProjection,
     StudentTraining,
-    build_causal_student,
     distill_loss,
     student_layers,
     train_student_on_synthetic,
 )
 from core.compress.distildp import distillation_weights
+from core.compress.pruning import shrink_model
 from core.compress.synthetic import (
     NoisyHistogram,
     SyntheticSet,
@@ -304,7 +304,7 @@ def test_similar_block_drops_the_layers_that_change_the_hidden_state_least():
     assert student_layers(teacher, 6, selection="similar_block", **kw) == list(range(6))
     # the last layer always stays, whatever the distances
     assert student_layers(teacher, 1, selection="similar_block", **kw) == [5]
-    student = build_causal_student(teacher, kept)
+    student = shrink_model(teacher, keep_layers=kept)
     ids = torch.randint(0, 100, (2, 5))
     with torch.no_grad():  # dropping identity layers changes nothing
         assert torch.allclose(student(input_ids=ids).logits, teacher(input_ids=ids).logits,
