@@ -166,7 +166,7 @@ def run_dp_sgd_student(epsilon: float, train: list[dict], eval_rows: list[dict],
 
     from core.compress.causal_distill import BLOCK_SELECTION_TEXTS, student_layers
     from core.compress.pruning import shrink_model
-    from core.compress.synthetic import generate_synthetic
+    from core.compress.synthetic import SyntheticSet, generate_synthetic
     from core.data import encode_dataset
     from core.models import load_model, split_trainable
     from core.privacy.engine import DPSGDEngine, EngineConfig
@@ -180,8 +180,11 @@ def run_dp_sgd_student(epsilon: float, train: list[dict], eval_rows: list[dict],
     loaded = load_model(args.base, task="causal_lm", seed=0)
     tok = loaded.tokenizer
     # the same layer choice as distildp's student, read on texts the PUBLIC base samples
-    public = generate_synthetic(loaded.model, tok, controls=[None] * BLOCK_SELECTION_TEXTS,
-                                max_new_tokens=args.max_new_tokens, device=args.device)  # fmt: skip
+    public = (
+        generate_synthetic(loaded.model, tok, controls=[None] * BLOCK_SELECTION_TEXTS,
+                           max_new_tokens=args.max_new_tokens, device=args.device)
+        if args.student_layer_selection == "similar_block" else SyntheticSet(())
+    )  # fmt: skip
     layers = student_layers(loaded.model, args.student_layers,
                             selection=args.student_layer_selection, synthetic=public,
                             tokenizer=tok, max_seq_length=args.max_seq_length,

@@ -22,7 +22,7 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import Any, Literal, cast
 
 import torch
 from torch import nn
@@ -43,7 +43,7 @@ def student_layers(
     teacher: nn.Module,
     num_layers: int,
     *,
-    selection: str,
+    selection: Literal["evenly_spaced", "similar_block"],
     synthetic: SyntheticSet,
     tokenizer,
     max_seq_length: int,

@@ -162,7 +162,8 @@ def run(ctx: JobContext) -> RecipeResult:
 
     # 4. the pruning plan (public: spec + planned steps) → segments of the one phase
     #    (one event at step 0 when the scored weights do not train: a frozen body, BitFit)
-    weights_train = body_training(spec, task=task, classifier_body=CLASSIFIER_BODY) is True
+    train_body = body_training(spec, task=task, classifier_body=CLASSIFIER_BODY)
+    weights_train = train_body is True
     events = pruning_events(phase.steps, target=comp.target_sparsity,
                             schedule=comp.prune_schedule, rounds=comp.prune_rounds,
                             weights_train=weights_train)  # fmt: skip
@@ -198,7 +199,6 @@ def run(ctx: JobContext) -> RecipeResult:
     report = compression_report(model, dense_base, output_dir=ctx.output_dir,
                                 seq_len=training.max_seq_length)  # fmt: skip
     kept = encoder_shape(model).parameters()
-    train_body = body_training(spec, task=task, classifier_body=CLASSIFIER_BODY)
     metrics = {
         "task": task,
         "phase": PHASE,

@@ -57,7 +57,7 @@ from core.privacy.engine import DPSGDEngine
 from core.recipe_api import JobContext, RecipeHooks, RecipeResult
 from core.training.losses import causal_lm_loss_per_example, classification_loss_per_example
 from core.training.optim import COMPRESSION_CLASSIFIER_BODY as CLASSIFIER_BODY
-from core.training.optim import body_training, dp_optimizer, engine_config
+from core.training.optim import dp_optimizer, engine_config
 
 PHASE = "train"
 # What trains by default (a classifier: only its head, measured best for this recipe) and
@@ -165,7 +165,7 @@ def run(ctx: JobContext) -> RecipeResult:
 
     # 4. the pruning plan (public: spec + planned steps); one-shot at step 0 when the
     #    prunable weights are frozen (nothing to recover between rounds)
-    weights_train = body_training(spec, task=task, classifier_body=CLASSIFIER_BODY) is True
+    weights_train = opt.train_body is True
     events = pruning_events(phase.steps, target=comp.target_sparsity,
                             schedule=comp.prune_schedule, rounds=comp.prune_rounds,
                             weights_train=weights_train)  # fmt: skip
