@@ -20,7 +20,7 @@ the spec path. ``--fest-source tokenizer`` uses the tokenizer-order proxy instea
     HF_HUB_OFFLINE=1 .venv/bin/python -m bench.embedding_sparsity \
         [--rows 2048] [--dev-rows 872] [--epsilons 3,8] [--modes dense,frozen,fest,adafest] \
         [--epochs 3] [--batch-size 256] [--fest-top-k 2048] [--threads 1] [--repeats 3] \
-        [--train-body false|bitfit] [--lr 1e-4]
+        [--train-body false|bitfit] [--lr 1e-4] [--clip-share 0.1]
 
 Writes ``bench/results/embedding_sparsity.json`` (or ``--out``). Noise and sampling draw from
 OS entropy like production (±1-2 points between runs), so every (ε, mode) runs ``--repeats``
@@ -73,6 +73,8 @@ def run_one(mode: str, epsilon: float, repeat: int, args, train_rows, dev_rows, 
             embedding["fest_public_rows"] = fest_rows
     if mode == "adafest" and args.adafest_ratio:
         embedding["adafest_noise_ratio"] = args.adafest_ratio
+    if mode != "frozen" and args.clip_share is not None:
+        embedding["clip_share"] = args.clip_share
     # the modes differ only in the word embedding: the rest of the body is frozen
     # (``--train-body false``) or trains its biases and norms (``bitfit``) in every mode
     training = {"max_seq_length": args.max_seq_length, "epochs": args.epochs,
@@ -106,6 +108,7 @@ def run_one(mode: str, epsilon: float, repeat: int, args, train_rows, dev_rows, 
         "selection_noise_multiplier": emb.get("selection_noise_multiplier"),
         "selection_threshold": emb.get("selection_threshold"),
         "embedding_mode_run": m["embedding_mode"],
+        "embedding_clip_share": m["embedding_clip_share"],
         "steps": m["steps"],
         "accuracy": round(m["eval_accuracy"], 4),
         "predicted_class_share": round(m["eval"]["predicted_class_share"], 4),
@@ -129,7 +132,7 @@ def main() -> None:
     parser.add_argument("--base", default="bundled:minilm-l6")
     parser.add_argument("--epochs", type=float, default=3)
     parser.add_argument("--batch-size", type=int, default=256)
-    parser.add_argument("--train-body", choices=["false", "bitfit"], default="false")
+    parser.add_argument("--train-body", choices=["false", "bitfit"], default="bitfit")
     parser.add_argument("--lr", type=float, default=None,
                         help="body + embedding lr; default 1e-4 (--train-body false) or "
                         "BitFit's default")
@@ -137,6 +140,8 @@ def main() -> None:
     parser.add_argument("--fest-top-k", type=int, default=2048)
     parser.add_argument("--fest-source", choices=["wikitext", "tokenizer"], default="wikitext")
     parser.add_argument("--adafest-ratio", type=float, default=None)
+    parser.add_argument("--clip-share", type=float, default=None,
+                        help="embedding.clip_share (1: flat clipping); default: the spec's")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--out", type=Path, default=RESULTS)

@@ -18,6 +18,8 @@ BodyTraining = bool | Literal["bitfit"]
 # BitFit's few parameters need a far larger step than full fine-tuning (MiniLM-L6, SST-2
 # 8,192 rows, ε = 8: 1e-3 → 81.2 % dev accuracy; bench/dp_finetune_quality.py).
 BITFIT_LEARNING_RATE = 1e-3
+# ρ of group-wise embedding clipping (core.privacy.group_clipping) when embedding.mode is set
+DEFAULT_EMBEDDING_CLIP_SHARE = 0.1
 METHODS: tuple[str, ...] = Method.__args__  # type: ignore[attr-defined]
 
 MODEL_BASE_PATTERN = re.compile(
@@ -141,6 +143,12 @@ class EmbeddingSpec(_Strict):
     fest_top_k: int | None = Field(None, ge=1)
     adafest_threshold: float | None = Field(None, ge=0)
     adafest_noise_ratio: float | None = Field(None, gt=0)
+    clip_share: float | None = Field(
+        None, gt=0, le=1, description="group-wise clipping: the word embedding's per-example "
+        "gradient is clipped to clip_share·C and the rest to √(1−clip_share²)·C (same "
+        "sensitivity C, same ε; ghost clipping only). 1: flat clipping (one joint norm). "
+        f"Unset: {DEFAULT_EMBEDDING_CLIP_SHARE} when mode is dense, fest or adafest, flat when "
+        "mode is unset")
     fest_public_rows: list[Annotated[int, Field(ge=0)]] | None = Field(
         None, max_length=1_000_000, description="fest: embedding row ids ranked by a PUBLIC "
         "frequency (most frequent first); the first fest_top_k are trained. Default: the "
@@ -149,6 +157,13 @@ class EmbeddingSpec(_Strict):
     def trained(self, body_trained: BodyTraining) -> bool:
         """Whether the word embedding is trainable, given how the body is trained."""
         return body_trained is True if self.mode is None else self.mode != "frozen"
+
+    def group_clip_share(self) -> float | None:
+        """ρ of group-wise clipping when the embedding trains, or None for flat clipping
+        (see ``clip_share``)."""
+        if self.clip_share is not None:
+            return None if self.clip_share == 1 else self.clip_share
+        return DEFAULT_EMBEDDING_CLIP_SHARE if self.mode in ("dense", "fest", "adafest") else None
 
     def effective_mode(self, body_trained: BodyTraining) -> str:
         """The mode that runs: "frozen" when the embedding is not trained, else the mode."""
@@ -172,6 +187,9 @@ class JobSpec(_Strict):
         if self.eval_dataset_id is not None and self.eval_dataset_id == self.dataset_id:
             raise ValueError("eval_dataset_id must differ from dataset_id (evaluation on the "
                              "private training rows would leak)")
+        if self.embedding.clip_share not in (None, 1) and self.training.grad_sample_mode != "ghost":
+            raise ValueError("embedding.clip_share (group-wise clipping) needs "
+                             "training.grad_sample_mode='ghost'")
         if self.training.physical_batch_size > self.training.batch_size:
             self.training.physical_batch_size = self.training.batch_size
         return self

@@ -231,7 +231,7 @@ def train_dp_teacher(ctx: JobContext, teacher, tokenizer) -> dict:
         optimizer=dp_optimizer(teacher, spec, task="causal_lm", classifier_body=True).optimizer,
         phase=ctx.plan.phase(TEACHER), dataset=private_rows,
         loss_fn=causal_lm_loss_per_example, hooks=ctx.hooks,
-        config=engine_config(training),
+        config=engine_config(spec),
         device=ctx.device,
     )  # fmt: skip
     result = engine.run()

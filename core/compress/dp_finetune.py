@@ -87,7 +87,7 @@ def run(ctx: JobContext) -> RecipeResult:
             else causal_lm_loss_per_example
         ),
         hooks=hooks,
-        config=engine_config(training),
+        config=engine_config(spec),
         device=ctx.device,
         sparse_embedding=sparse,
     )
@@ -122,6 +122,9 @@ def run(ctx: JobContext) -> RecipeResult:
             "frozen"
             if not model.get_input_embeddings().weight.requires_grad
             else spec.embedding.effective_mode(opt.train_body)
+        ),
+        "embedding_clip_share": (  # ρ of group-wise clipping; None: flat clipping
+            engine.config.embedding_clip_share if engine.group_clipping is not None else None
         ),
         "seconds_per_step": (
             round(result.seconds / result.steps_run, 4) if result.steps_run else None

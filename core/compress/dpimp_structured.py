@@ -234,7 +234,7 @@ def run(ctx: JobContext) -> RecipeResult:
 
 def _train_segment(ctx: JobContext, model, rows, seg_hooks: SegmentHooks, task: str):
     """DP-SGD on ``model`` for one segment: fresh optimizer (per-group lr), new engine."""
-    spec, training = ctx.spec, ctx.spec.training
+    spec = ctx.spec
     engine = DPSGDEngine(
         model=model,
         optimizer=dp_optimizer(model, spec, task=task, classifier_body=CLASSIFIER_BODY).optimizer,
@@ -242,7 +242,7 @@ def _train_segment(ctx: JobContext, model, rows, seg_hooks: SegmentHooks, task: 
         loss_fn=(classification_loss_per_example if task == "classification"
                  else causal_lm_loss_per_example),
         hooks=seg_hooks,
-        config=engine_config(training, step_offset=seg_hooks.start),
+        config=engine_config(spec, step_offset=seg_hooks.start),
         device=ctx.device,
     )  # fmt: skip
     return engine.run()

@@ -177,7 +177,7 @@ def run(ctx: JobContext) -> RecipeResult:
         loss_fn=(classification_loss_per_example if task == "classification"
                  else causal_lm_loss_per_example),
         hooks=masking,
-        config=engine_config(training),
+        config=engine_config(spec),
         device=ctx.device,
     )  # fmt: skip
     result = engine.run()

@@ -199,14 +199,13 @@ def _dp_sgd(
     ctx: JobContext, model, rows, phase_name: str, loss_fn
 ) -> PhaseResult:
     """Exactly the planned steps of DP phase ``phase_name`` on ``model`` (per-group lr)."""
-    training = ctx.spec.training
     engine = DPSGDEngine(
         model=model,
         optimizer=dp_optimizer(
             model, ctx.spec, task=ctx.train.task, classifier_body=CLASSIFIER_BODY
         ).optimizer,
         phase=ctx.plan.phase(phase_name), dataset=rows, loss_fn=loss_fn, hooks=ctx.hooks,
-        config=engine_config(training),
+        config=engine_config(ctx.spec),
         device=ctx.device,
     )  # fmt: skip
     return engine.run()

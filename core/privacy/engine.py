@@ -48,6 +48,7 @@ from torch import nn
 
 from core.data import EncodedDataset, PoissonSampler, split_physical
 from core.errors import InvalidRequest
+from core.privacy.group_clipping import EmbeddingBackpropScale, group_clipped_backward
 from core.privacy.plan import PhasePlan
 from core.privacy.sparse_embedding import SparseEmbeddingUpdate
 from core.recipe_api import RecipeHooks
@@ -80,6 +81,9 @@ class EngineConfig:
             run continues the same curve).
         step_offset: steps of the phase run before this engine's step 1 (a phase split
             into segments, dpimp_structured), so that t = offset + the engine's step.
+        embedding_clip_share: ρ of group-wise clipping when the word embedding trains
+            (:mod:`core.privacy.group_clipping`: the embedding's per-example gradient is
+            clipped to ρC, the rest to √(1−ρ²)·C; ghost mode only). None: flat clipping.
     """
 
     grad_sample_mode: Literal["ghost", "hooks"] = "ghost"
@@ -90,6 +94,7 @@ class EngineConfig:
     secure_mode: bool = False
     lr_schedule: Literal["constant", "linear"] = "constant"
     step_offset: int = 0
+    embedding_clip_share: float | None = None
 
 
 @dataclass(frozen=True)
@@ -204,6 +209,7 @@ class DPSGDEngine:
         )
         if sparse_embedding is not None:
             sparse_embedding.attach(self.optimizer.original_optimizer)
+        self.group_clipping = self._group_clipping(model)
         self.base_lrs = [group["lr"] for group in optimizer.param_groups]  # before any resume
 
     # -- the phase ---------------------------------------------------------------------
@@ -257,6 +263,8 @@ class DPSGDEngine:
         finally:  # one run per engine: leave a plain HF model behind
             self.optimizer.zero_grad(set_to_none=True)
             self.grad_hooks.cleanup()
+            if self.group_clipping is not None:
+                self.group_clipping[1].remove()
             if self.sparse_embedding is not None:
                 self.sparse_embedding.detach()
         seconds = time.monotonic() - started
@@ -299,7 +307,14 @@ class DPSGDEngine:
             loss_per_example = self.loss_fn(self.model, batch)  # [b]
             loss_sum += float(loss_per_example.detach().sum())
             opt.signal_skip_step(do_skip=i < len(chunks) - 1)
-            if self.config.grad_sample_mode == "ghost":
+            if self.group_clipping is not None:
+                weight, backprop_scale = self.group_clipping
+                group_clipped_backward(
+                    self.grad_hooks, opt, loss_per_example, embedding_weight=weight,
+                    backprop_scale=backprop_scale, max_grad_norm=self.max_grad_norm,
+                    embedding_share=self.config.embedding_clip_share,
+                )  # fmt: skip
+            elif self.config.grad_sample_mode == "ghost":
                 DPTensorFastGradientClipping(
                     self.grad_hooks, opt, loss_per_example, loss_reduction="mean"
                 ).backward()
@@ -308,6 +323,21 @@ class DPSGDEngine:
             opt.step()  # clips + accumulates; on the last chunk also noises and updates
             opt.zero_grad(set_to_none=True)  # keeps the accumulated sum while skipping
         return loss_sum / len(indices)
+
+    def _group_clipping(self, model: nn.Module):
+        """(embedding weight, backprop hook) when group-wise clipping applies, else None."""
+        share = self.config.embedding_clip_share
+        if share is None:
+            return None
+        if self.config.grad_sample_mode != "ghost":
+            raise InvalidRequest(
+                "group-wise embedding clipping (embedding.clip_share) needs "
+                "training.grad_sample_mode='ghost'", param="embedding.clip_share",
+            )  # fmt: skip
+        embedding = model.get_input_embeddings()
+        if not embedding.weight.requires_grad:  # nothing to split: flat clipping
+            return None
+        return embedding.weight, EmbeddingBackpropScale(embedding)
 
     def _step_on_empty_batch(self) -> None:
         for p in self.optimizer.params:

@@ -41,6 +41,9 @@ Implementation notes:
   compute of a dense draw is wasted (a sparse draw needs an Opacus optimizer subclass).
 * Ghost clipping computes each example's norm over its whole embedding gradient, rows ∉ S
   included: valid (conservative), part of the clipping budget is spent on dropped rows.
+  With ``embedding.clip_share`` ρ (default for fest/adafest/dense, see
+  :mod:`core.privacy.group_clipping`) the embedding's part is bounded by ρC on its own, so
+  it cannot crowd out the head's signal.
 * Untouched rows: a pre-step hook on the *inner* optimizer (it runs after Opacus has
   clipped, noised and scaled) zeroes g̃_E outside S and saves the matrix and its per-row
   optimizer state (tensors shaped like the matrix: Adam moments, momentum); a post-step

@@ -27,7 +27,7 @@ from torch import nn
 
 from core.models import split_trainable
 from core.privacy.engine import EngineConfig
-from core.specs import BodyTraining, JobSpec, TrainingSpec
+from core.specs import BodyTraining, JobSpec
 
 HEAD_LR = 2e-2
 FINETUNE_CLASSIFIER_BODY: BodyTraining = "bitfit"  # dp_finetune
@@ -75,9 +75,10 @@ def dp_optimizer(
     )
 
 
-def engine_config(training: TrainingSpec, *, step_offset: int = 0) -> EngineConfig:
-    """The DP engine's options from the job's training spec (clipping mode, physical batch,
-    lr schedule) and the worker's checkpoint interval (``DPC_CHECKPOINT_EVERY_STEPS``).
+def engine_config(spec: JobSpec, *, step_offset: int = 0) -> EngineConfig:
+    """The DP engine's options from the job spec (clipping mode, physical batch, lr
+    schedule, group-wise embedding clipping) and the worker's checkpoint interval
+    (``DPC_CHECKPOINT_EVERY_STEPS``).
 
     Args:
         step_offset: steps of the phase run before this engine's first (a phase split into
@@ -85,10 +86,13 @@ def engine_config(training: TrainingSpec, *, step_offset: int = 0) -> EngineConf
     """
     from core.settings import get_settings
 
+    training = spec.training
+    ghost = training.grad_sample_mode == "ghost"  # group clipping needs ghost clipping
     return EngineConfig(
         grad_sample_mode=training.grad_sample_mode,
         physical_batch_size=training.physical_batch_size,
         checkpoint_every=get_settings().checkpoint_every_steps,
         lr_schedule=training.lr_schedule,
         step_offset=step_offset,
+        embedding_clip_share=spec.embedding.group_clip_share() if ghost else None,
     )

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from core.data import PoissonSampler, encode_dataset, split_physical
-from core.errors import JobCancelled
+from core.errors import InvalidRequest, JobCancelled
 from core.models import load_model
 from core.privacy.engine import DPSGDEngine, EngineConfig, lr_factor
 from core.training.checkpoint import find_checkpoint
@@ -303,3 +303,66 @@ def test_clipping_is_exact_when_the_body_is_frozen(train_embeddings, tmp_path):
     assert min(norms) < C < max(norms)
     rel = float((got - expected).norm() / expected.norm())
     assert rel < 1e-4, f"relative error {rel:.2e}"
+
+
+def test_group_clipping_bounds_the_embedding_and_the_rest_separately(tmp_path):
+    """embedding_clip_share ρ: Σ_i [g_E,i·min(1, ρC/‖g_E,i‖), g_R,i·min(1, √(1−ρ²)C/‖g_R,i‖)],
+    against a naive per-example loop; a flat clip (or a missing one) would not match."""
+    from core.models import split_trainable
+
+    model, tok = _tiny_bert()
+    reference, _ = _tiny_bert()
+    for m in (model, reference):
+        split_trainable(m, train_body=False, train_embeddings=True)
+    data = _dataset(tok, 10)
+    emb = reference.get_input_embeddings().weight
+    rest = [p for p in reference.parameters() if p.requires_grad and p is not emb]
+    per_example = []
+    for i in range(len(data)):
+        reference.zero_grad(set_to_none=True)
+        classification_loss_per_example(reference, data.collate([i])).sum().backward()
+        per_example.append((emb.grad.reshape(-1).clone(),
+                            torch.cat([p.grad.reshape(-1) for p in rest])))  # fmt: skip
+    C = sorted(float(torch.cat(g).norm()) for g in per_example)[len(per_example) // 2]
+    share = 0.2
+    budget_e, budget_r = share * C, math.sqrt(1 - share**2) * C
+    expected_e = sum(g_e * min(1.0, budget_e / (float(g_e.norm()) + 1e-6))
+                     for g_e, _ in per_example)  # fmt: skip
+    expected_r = sum(g_r * min(1.0, budget_r / (float(g_r.norm()) + 1e-6))
+                     for _, g_r in per_example)  # fmt: skip
+    # both groups are clipped for some rows, so the test sees each budget
+    assert any(float(g_e.norm()) > budget_e for g_e, _ in per_example)
+    assert any(float(g_r.norm()) > budget_r for _, g_r in per_example)
+
+    weight = model.get_input_embeddings().weight
+    trainable = [p for p in model.parameters() if p.requires_grad and p is not weight]
+    before_e = weight.detach().reshape(-1).clone()
+    before_r = torch.cat([p.detach().reshape(-1).clone() for p in trainable])
+    engine = DPSGDEngine(
+        model=model, optimizer=torch.optim.SGD(model.parameters(), lr=1.0),
+        phase=dp_phase(sample_rate=1.0, noise_multiplier=0.0, steps=1, max_grad_norm=C),
+        dataset=data, loss_fn=classification_loss_per_example,
+        hooks=RecordingHooks(1, tmp_path / "group"),
+        config=EngineConfig(physical_batch_size=4, sampler_seed=0, noise_seed=0,
+                            embedding_clip_share=share),
+    )  # fmt: skip
+    engine.run()
+    got_e = (before_e - weight.detach().reshape(-1)) * len(data)
+    got_r = (before_r - torch.cat([p.detach().reshape(-1) for p in trainable])) * len(data)
+    for got, expected in ((got_e, expected_e), (got_r, expected_r)):
+        rel = float((got - expected).norm() / expected.norm())
+        assert rel < 1e-4, f"relative error {rel:.2e}"
+    # the hook is gone: a later plain backward is unscaled
+    assert not model.get_input_embeddings()._forward_hooks
+
+
+def test_group_clipping_needs_ghost_clipping(tmp_path):
+    model, tok = _tiny_bert()
+    with pytest.raises(InvalidRequest, match="ghost"):
+        DPSGDEngine(
+            model=model, optimizer=torch.optim.SGD(model.parameters(), lr=1.0),
+            phase=dp_phase(sample_rate=0.5, noise_multiplier=1.0, steps=1, max_grad_norm=1.0),
+            dataset=_dataset(tok, 4), loss_fn=classification_loss_per_example,
+            hooks=RecordingHooks(1, tmp_path / "h"),
+            config=EngineConfig(grad_sample_mode="hooks", embedding_clip_share=0.3),
+        )  # fmt: skip

@@ -7,6 +7,7 @@ import math
 
 import pytest
 import torch
+from pydantic import ValidationError
 from torch import nn
 
 from core.compress import load_recipe
@@ -30,7 +31,7 @@ from core.privacy.sparse_embedding import (
     zero_count_selection_probability,
 )
 from core.recipe_api import JobContext
-from core.specs import JobSpec
+from core.specs import DEFAULT_EMBEDDING_CLIP_SHARE, JobSpec, pydantic_problems
 from core.training.losses import classification_loss_per_example
 from tests.unit.torch_fakes import (
     RecordingHooks,
@@ -142,7 +143,8 @@ def _dataset(tokenizer, n: int):
                           max_seq_length=16, uses_token_type_ids=True)  # fmt: skip
 
 
-def _engine(model, data, tmp_path, *, sigma, q, steps, sparse=None, wd=0.01, mode="ghost"):
+def _engine(model, data, tmp_path, *, sigma, q, steps, sparse=None, wd=0.01, mode="ghost",
+            clip_share=None):
     return DPSGDEngine(
         model=model,
         optimizer=torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=wd),
@@ -151,7 +153,8 @@ def _engine(model, data, tmp_path, *, sigma, q, steps, sparse=None, wd=0.01, mod
         loss_fn=classification_loss_per_example,
         hooks=RecordingHooks(steps, tmp_path),
         config=EngineConfig(grad_sample_mode=mode, physical_batch_size=4, sampler_seed=3,
-                            noise_seed=4, checkpoint_every=100),
+                            noise_seed=4, checkpoint_every=100,
+                            embedding_clip_share=clip_share),
         sparse_embedding=sparse,
     )  # fmt: skip
 
@@ -167,16 +170,21 @@ def _adafest(model, *, sigma, ratio=2.0, tau=None, sel=None, grad=None, seed=0):
     return SparseEmbeddingUpdate(weight=weight, noise=noise, seed=seed)
 
 
-@pytest.mark.parametrize(("tau", "q", "wd"), [(0.0, 0.5, 0.01), (1e-9, 1.0, 0.0)])
-def test_noiseless_adafest_equals_noiseless_dense_dp_sgd(tau, q, wd, tmp_path):
+@pytest.mark.parametrize(("tau", "q", "wd", "clip_share"), [
+    (0.0, 0.5, 0.01, None), (1e-9, 1.0, 0.0, None), (0.0, 0.5, 0.01, 0.3),
+])  # fmt: skip
+def test_noiseless_adafest_equals_noiseless_dense_dp_sgd(tau, q, wd, clip_share, tmp_path):
     """σ_sel = σ_grad = 0. τ = 0 selects every row; τ = 0⁺ selects exactly the touched rows
-    (q = 1: the same rows every step, so dense Adam moves no other row either)."""
+    (q = 1: the same rows every step, so dense Adam moves no other row either). Flat and
+    group-wise clipping alike."""
     dense, tok = _tiny_bert()
     data = _dataset(tok, 12)
-    _engine(dense, data, tmp_path / "d", sigma=0.0, q=q, steps=2, wd=wd).run()
+    _engine(dense, data, tmp_path / "d", sigma=0.0, q=q, steps=2, wd=wd,
+            clip_share=clip_share).run()  # fmt: skip
     model, _ = _tiny_bert()
     sparse = _adafest(model, sigma=0.0, tau=tau, sel=0.0, grad=0.0)
-    _engine(model, data, tmp_path / "s", sigma=0.0, q=q, steps=2, sparse=sparse, wd=wd).run()
+    _engine(model, data, tmp_path / "s", sigma=0.0, q=q, steps=2, sparse=sparse, wd=wd,
+            clip_share=clip_share).run()  # fmt: skip
     touched = {t for ids in data.input_ids for t in ids}
     assert len(sparse.selected) == (model.config.vocab_size if tau == 0 else len(touched))
     for (name, a), b in zip(dense.named_parameters(), model.parameters(), strict=True):
@@ -274,6 +282,7 @@ def test_dp_finetune_bert_sparse_modes_report_sparsity(mode, tmp_path):
     assert m["embedding_mode"] == mode and emb["rows_total"] == 30522
     assert 0 < emb["rows_updated_per_step"] < 30522 and emb["embedding_grad_reduction"] > 10
     assert m["noise_multiplier"] == 0.6 and emb["noise_multiplier"] == 0.6
+    assert m["embedding_clip_share"] == DEFAULT_EMBEDDING_CLIP_SHARE  # group-wise clipping
     if mode == "adafest":
         assert emb["gradient_noise_multiplier"] > 0.6
     assert all("embedding_rows" in metrics for _, metrics in hooks.after)
@@ -308,6 +317,42 @@ def test_which_parameters_a_classifier_trains(embedding, train_body, trained):
     mode = spec.embedding.effective_mode(body_trained)
     assert mode == ("frozen" if "word_embeddings" not in trained
                     else embedding.get("mode", "dense"))  # fmt: skip
+
+
+@pytest.mark.parametrize(("embedding", "grad_sample_mode", "share"), [
+    ({}, "ghost", None),                                   # unset mode: flat, as before
+    ({"mode": "frozen"}, "ghost", None),
+    ({"mode": "dense"}, "ghost", DEFAULT_EMBEDDING_CLIP_SHARE),
+    ({"mode": "adafest"}, "ghost", DEFAULT_EMBEDDING_CLIP_SHARE),
+    ({"mode": "fest", "clip_share": 0.5}, "ghost", 0.5),
+    ({"mode": "dense", "clip_share": 1}, "ghost", None),   # 1: flat clipping
+    ({"mode": "dense"}, "hooks", None),                    # the default needs ghost
+])  # fmt: skip
+def test_which_clipping_a_phase_gets(embedding, grad_sample_mode, share):
+    from core.training.optim import engine_config
+
+    spec = JobSpec.model_validate({
+        "method": "dp_finetune", "dataset_id": "ds_a", "privacy": {"epsilon": 8.0},
+        "training": {"grad_sample_mode": grad_sample_mode}, "embedding": embedding,
+    })  # fmt: skip
+    assert engine_config(spec).embedding_clip_share == share
+
+
+@pytest.mark.parametrize("bad", [0, -0.1, 1.5])
+def test_clip_share_out_of_range_names_the_field(bad):
+    with pytest.raises(ValidationError) as e:
+        JobSpec.model_validate({"method": "dp_finetune", "dataset_id": "ds_a",
+                                "privacy": {"epsilon": 8.0},
+                                "embedding": {"mode": "dense", "clip_share": bad}})  # fmt: skip
+    assert pydantic_problems(e.value)[0]["param"] == "embedding.clip_share"
+
+
+def test_an_explicit_clip_share_with_hooks_mode_is_refused():
+    with pytest.raises(ValidationError, match="embedding.clip_share"):
+        JobSpec.model_validate({"method": "dp_finetune", "dataset_id": "ds_a",
+                                "privacy": {"epsilon": 8.0},
+                                "training": {"grad_sample_mode": "hooks"},
+                                "embedding": {"mode": "dense", "clip_share": 0.3}})  # fmt: skip
 
 
 @pytest.mark.parametrize("base", ["tiny:bert", "tiny:llama"])
