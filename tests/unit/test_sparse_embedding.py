@@ -289,6 +289,12 @@ def test_dp_finetune_bert_sparse_modes_report_sparsity(mode, tmp_path):
     assert "eval_accuracy" in m and m["seconds_per_step"] > 0
 
 
+def _finetune_spec(**sections) -> JobSpec:
+    """A dp_finetune spec at ε = 8 with the given sections (training, embedding, ...)."""
+    return JobSpec.model_validate({"method": "dp_finetune", "dataset_id": "ds_a",
+                                   "privacy": {"epsilon": 8.0}, **sections})  # fmt: skip
+
+
 @pytest.mark.parametrize(("embedding", "train_body", "trained"), [
     ({}, None, set()),                                    # default classifier: head only
     ({"mode": "dense"}, None, {"word_embeddings"}),       # set mode: head + word embedding
@@ -299,10 +305,7 @@ def test_dp_finetune_bert_sparse_modes_report_sparsity(mode, tmp_path):
 def test_which_parameters_a_classifier_trains(embedding, train_body, trained):
     from core.models import load_model, split_trainable
 
-    spec = JobSpec.model_validate({
-        "method": "dp_finetune", "dataset_id": "ds_a", "privacy": {"epsilon": 8.0},
-        "training": {"train_body": train_body}, "embedding": embedding,
-    })  # fmt: skip
+    spec = _finetune_spec(training={"train_body": train_body}, embedding=embedding)
     model = load_model("tiny:bert", task="classification", labels=["0", "1"]).model
     body_trained = spec.training.body_trained(False)
     body, head = split_trainable(
@@ -331,28 +334,21 @@ def test_which_parameters_a_classifier_trains(embedding, train_body, trained):
 def test_which_clipping_a_phase_gets(embedding, grad_sample_mode, share):
     from core.training.optim import engine_config
 
-    spec = JobSpec.model_validate({
-        "method": "dp_finetune", "dataset_id": "ds_a", "privacy": {"epsilon": 8.0},
-        "training": {"grad_sample_mode": grad_sample_mode}, "embedding": embedding,
-    })  # fmt: skip
+    spec = _finetune_spec(training={"grad_sample_mode": grad_sample_mode}, embedding=embedding)
     assert engine_config(spec).embedding_clip_share == share
 
 
 @pytest.mark.parametrize("bad", [0, -0.1, 1.5])
 def test_clip_share_out_of_range_names_the_field(bad):
     with pytest.raises(ValidationError) as e:
-        JobSpec.model_validate({"method": "dp_finetune", "dataset_id": "ds_a",
-                                "privacy": {"epsilon": 8.0},
-                                "embedding": {"mode": "dense", "clip_share": bad}})  # fmt: skip
+        _finetune_spec(embedding={"mode": "dense", "clip_share": bad})
     assert pydantic_problems(e.value)[0]["param"] == "embedding.clip_share"
 
 
 def test_an_explicit_clip_share_with_hooks_mode_is_refused():
     with pytest.raises(ValidationError, match="embedding.clip_share"):
-        JobSpec.model_validate({"method": "dp_finetune", "dataset_id": "ds_a",
-                                "privacy": {"epsilon": 8.0},
-                                "training": {"grad_sample_mode": "hooks"},
-                                "embedding": {"mode": "dense", "clip_share": 0.3}})  # fmt: skip
+        _finetune_spec(training={"grad_sample_mode": "hooks"},
+                       embedding={"mode": "dense", "clip_share": 0.3})  # fmt: skip
 
 
 @pytest.mark.parametrize("base", ["tiny:bert", "tiny:llama"])
