@@ -203,5 +203,21 @@ def pydantic_problems(exc) -> list[dict]:
         msg = err.get("msg", "invalid")
         if err.get("type") == "extra_forbidden":
             msg = "unknown field"
-        problems.append({"param": loc or None, "message": msg})
+        problems.append({"param": loc or _field_named_by(msg), "message": msg})
     return problems
+
+
+def _field_named_by(message: str) -> str | None:
+    """The JobSpec field a cross-field check's message starts with ("Value error,
+    embedding.clip_share needs ..."), so that spec-wide errors still name their field."""
+    match = re.match(r"Value error, ([a-z_]+(?:\.[a-z_]+)*) ", message)
+    if not match:
+        return None
+    model: type[BaseModel] | None = JobSpec
+    for part in match.group(1).split("."):
+        field = model.model_fields.get(part) if model is not None else None
+        if field is None:
+            return None
+        nested = field.annotation
+        model = nested if isinstance(nested, type) and issubclass(nested, BaseModel) else None
+    return match.group(1)
