@@ -147,8 +147,8 @@ class EmbeddingSpec(_Strict):
         None, gt=0, le=1, description="group-wise clipping: the word embedding's per-example "
         "gradient is clipped to clip_share·C and the rest to √(1−clip_share²)·C (same "
         "sensitivity C, same ε; ghost clipping only). 1: flat clipping (one joint norm). "
-        f"Unset: {DEFAULT_EMBEDDING_CLIP_SHARE} when mode is dense, fest or adafest, flat when "
-        "mode is unset")
+        f"Unset: {DEFAULT_EMBEDDING_CLIP_SHARE} when mode is dense, fest or adafest and "
+        "training.grad_sample_mode is ghost; flat otherwise (mode unset, or hooks)")
     fest_public_rows: list[Annotated[int, Field(ge=0)]] | None = Field(
         None, max_length=1_000_000, description="fest: embedding row ids ranked by a PUBLIC "
         "frequency (most frequent first); the first fest_top_k are trained. Default: the "
