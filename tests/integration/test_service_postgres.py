@@ -108,5 +108,7 @@ def test_sigkilled_worker_is_recovered_and_charged_once(stack):
         assert len(rows) == 1 and rows[0]["steps"] == planned  # exactly once, never more
         assert ledger["epsilon"] == pytest.approx(done["privacy"]["plan"]["epsilon"], rel=1e-3)
         kinds = _kinds(c, job["id"])
-        assert kinds.count("job.running") == 2 and "job.recovering" in kinds
+        # a second worker took over; "job.recovering" appears only when the sweeper re-sent
+        # the job, not when the broker's redelivery of the unacked message claimed it first
+        assert kinds.count("job.running") == 2
         assert c.get(f"/v1/datasets/{ds['id']}").json()["budget"]["epsilon_reserved"] == 0
