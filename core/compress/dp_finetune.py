@@ -124,7 +124,7 @@ def run(ctx: JobContext) -> RecipeResult:
             else spec.embedding.effective_mode(opt.train_body)
         ),
         "embedding_clip_share": (  # ρ of group-wise clipping; None: flat clipping
-            engine.config.embedding_clip_share if engine.group_clipping is not None else None
+            engine.group_clipping.share if engine.group_clipping is not None else None
         ),
         "seconds_per_step": (
             round(result.seconds / result.steps_run, 4) if result.steps_run else None

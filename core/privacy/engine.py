@@ -48,7 +48,7 @@ from torch import nn
 
 from core.data import EncodedDataset, PoissonSampler, split_physical
 from core.errors import InvalidRequest
-from core.privacy.group_clipping import EmbeddingBackpropScale, group_clipped_backward
+from core.privacy.group_clipping import EmbeddingGroupClipping
 from core.privacy.plan import PhasePlan
 from core.privacy.sparse_embedding import SparseEmbeddingUpdate
 from core.recipe_api import RecipeHooks
@@ -264,7 +264,7 @@ class DPSGDEngine:
             self.optimizer.zero_grad(set_to_none=True)
             self.grad_hooks.cleanup()
             if self.group_clipping is not None:
-                self.group_clipping[1].remove()
+                self.group_clipping.remove()
             if self.sparse_embedding is not None:
                 self.sparse_embedding.detach()
         seconds = time.monotonic() - started
@@ -308,12 +308,7 @@ class DPSGDEngine:
             loss_sum += float(loss_per_example.detach().sum())
             opt.signal_skip_step(do_skip=i < len(chunks) - 1)
             if self.group_clipping is not None:
-                weight, backprop_scale = self.group_clipping
-                group_clipped_backward(
-                    self.grad_hooks, opt, loss_per_example, embedding_weight=weight,
-                    backprop_scale=backprop_scale, max_grad_norm=self.max_grad_norm,
-                    embedding_share=self.config.embedding_clip_share,
-                )  # fmt: skip
+                self.group_clipping.backward(self.grad_hooks, opt, loss_per_example)
             elif self.config.grad_sample_mode == "ghost":
                 DPTensorFastGradientClipping(
                     self.grad_hooks, opt, loss_per_example, loss_reduction="mean"
@@ -324,8 +319,8 @@ class DPSGDEngine:
             opt.zero_grad(set_to_none=True)  # keeps the accumulated sum while skipping
         return loss_sum / len(indices)
 
-    def _group_clipping(self, model: nn.Module):
-        """(embedding weight, backprop hook) when group-wise clipping applies, else None."""
+    def _group_clipping(self, model: nn.Module) -> EmbeddingGroupClipping | None:
+        """The embedding's clipping group when group-wise clipping applies, else None."""
         share = self.config.embedding_clip_share
         if share is None:
             return None
@@ -337,7 +332,7 @@ class DPSGDEngine:
         embedding = model.get_input_embeddings()
         if not embedding.weight.requires_grad:  # nothing to split: flat clipping
             return None
-        return embedding.weight, EmbeddingBackpropScale(embedding)
+        return EmbeddingGroupClipping(embedding, max_grad_norm=self.max_grad_norm, share=share)
 
     def _step_on_empty_batch(self) -> None:
         for p in self.optimizer.params:

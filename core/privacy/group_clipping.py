@@ -51,14 +51,17 @@ def group_clip_factors(
     return c_e, c_r
 
 
-class EmbeddingBackpropScale:
-    """Multiplies the gradient reaching the embedding output by a per-example factor.
+class EmbeddingGroupClipping:
+    """Ghost clipping with the word embedding as its own group, for one engine run.
 
-    Off (identity) unless :meth:`scaled` is active, so the first (norm) backward of ghost
-    clipping sees the true backprops.
+    A forward hook on the embedding registers a tensor hook on its output; that hook is the
+    identity except inside the second backward of :meth:`backward`, where it multiplies
+    example i's backprops by c_E,i / c_R,i. Call :meth:`remove` when the run ends.
     """
 
-    def __init__(self, embedding: nn.Module):
+    def __init__(self, embedding: nn.Module, *, max_grad_norm: float, share: float):
+        self.weight: nn.Parameter = embedding.weight
+        self.max_grad_norm, self.share = max_grad_norm, share
         self._scale: torch.Tensor | None = None
         self._handle = embedding.register_forward_hook(self._on_forward)
 
@@ -74,47 +77,34 @@ class EmbeddingBackpropScale:
     def remove(self) -> None:
         self._handle.remove()
 
-    def backward(self, loss: torch.Tensor, scale: torch.Tensor) -> None:
-        """``loss.backward()`` with the embedding's backprops of example i times scale[i]."""
-        self._scale = scale
-        try:
-            loss.backward()
+    def backward(self, grad_hooks, optimizer, loss_per_example: torch.Tensor) -> None:
+        """Leaves Σ_i [c_E,i·g_E,i, c_R,i·g_R,i] in ``.grad``.
+
+        Mirrors Opacus's ``DPTensorFastGradientClipping.backward`` (loss_reduction "mean"),
+        with the two per-group coefficients in place of the flat one.
+
+        Args:
+            grad_hooks: Opacus ghost-clipping hooks of the model (``_norm_sample`` per
+                parameter).
+            optimizer: the Opacus fast-gradient-clipping optimizer.
+            loss_per_example: [B].
+        """
+        loss_per_example.mean().backward(retain_graph=True)  # 1st pass: per-example norms
+        optimizer.zero_grad()
+        embedding_norms = self.weight._norm_sample
+        rest = [p._norm_sample for p in grad_hooks.trainable_parameters if p is not self.weight]
+        rest_norms = (
+            torch.stack([n.to(embedding_norms.device) for n in rest]).norm(2, dim=0)
+            if rest else torch.zeros_like(embedding_norms)
+        )  # fmt: skip
+        c_e, c_r = group_clip_factors(embedding_norms, rest_norms,
+                                      max_grad_norm=self.max_grad_norm,
+                                      embedding_share=self.share)  # fmt: skip
+        device = loss_per_example.device
+        grad_hooks.disable_hooks()
+        self._scale = (c_e / c_r).to(device)
+        try:  # 2nd pass: Σ c_R,i·∇loss_i, the embedding's part rescaled to c_E,i
+            (c_r.to(device) * loss_per_example).sum().backward()
         finally:
             self._scale = None
-
-
-def group_clipped_backward(
-    grad_hooks, optimizer, loss_per_example: torch.Tensor, *, embedding_weight: nn.Parameter,
-    backprop_scale: EmbeddingBackpropScale, max_grad_norm: float, embedding_share: float,
-) -> None:  # fmt: skip
-    """Ghost clipping with the two groups: leaves Σ_i [c_E,i·g_E,i, c_R,i·g_R,i] in ``.grad``.
-
-    Mirrors Opacus's ``DPTensorFastGradientClipping.backward`` (loss_reduction "mean"),
-    with the two per-group coefficients in place of the flat one.
-
-    Args:
-        grad_hooks: Opacus ghost-clipping hooks of the model (per-parameter ``_norm_sample``).
-        optimizer: the Opacus fast-gradient-clipping optimizer.
-        loss_per_example: [B].
-        embedding_weight: the word embedding's weight (trainable).
-        backprop_scale: the hook on the embedding output.
-    """
-    loss_per_example.mean().backward(retain_graph=True)  # 1st pass: per-example norms
-    optimizer.zero_grad()
-    embedding_norms = embedding_weight._norm_sample
-    rest = [p._norm_sample for p in grad_hooks.trainable_parameters if p is not embedding_weight]
-    rest_norms = (
-        torch.stack([n.to(embedding_norms.device) for n in rest]).norm(2, dim=0)
-        if rest else torch.zeros_like(embedding_norms)
-    )  # fmt: skip
-    c_e, c_r = group_clip_factors(
-        embedding_norms, rest_norms, max_grad_norm=max_grad_norm,
-        embedding_share=embedding_share,
-    )  # fmt: skip
-    device = loss_per_example.device
-    second_loss = (c_r.to(device) * loss_per_example).sum()
-    grad_hooks.disable_hooks()
-    try:  # 2nd pass: Σ c_R,i·∇loss_i, the embedding's part rescaled to c_E,i
-        backprop_scale.backward(second_loss, (c_e / c_r).to(device))
-    finally:
-        grad_hooks.enable_hooks()
+            grad_hooks.enable_hooks()
