@@ -22,6 +22,7 @@ from torch.nn import functional as F
 
 from core.data import IGNORE_INDEX
 from core.errors import InvalidRequest
+from core.training.frozen_body import RowCache
 from core.training.losses import model_inputs
 
 
@@ -85,20 +86,33 @@ def kd_loss_per_example(
     return loss
 
 
-def make_kd_loss(teacher: nn.Module, *, alpha: float, temperature: float):
+def make_kd_loss(
+    teacher: nn.Module, *, alpha: float, temperature: float, cache_teacher_logits: bool = False
+):
     """The DP engine's ``loss_fn(student, batch) -> [B]`` for distillation from ``teacher``.
 
     The teacher is put in eval mode (no dropout), its parameters frozen, and it runs under
     ``torch.no_grad()``: no gradient, no Opacus hook, no per-example norm involves it.
+
+    Args:
+        cache_teacher_logits: keep each row's teacher logits in memory after their first
+            computation (they never change); for classifiers ([C] per row), not for LMs
+            ([T, V] per row).
     """
     teacher.eval()
     for p in teacher.parameters():
         p.requires_grad_(False)
+    cache = RowCache() if cache_teacher_logits else None
+
+    def teacher_logits_of(inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        with torch.no_grad():
+            return teacher(**inputs).logits
 
     def loss_fn(student: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         inputs = model_inputs(batch)
-        with torch.no_grad():
-            teacher_logits = teacher(**inputs).logits
+        teacher_logits = (
+            teacher_logits_of(inputs) if cache is None else cache.get(inputs, teacher_logits_of)
+        )
         student_logits = student(**inputs).logits
         return kd_loss_per_example(
             student_logits, teacher_logits, batch["labels"], alpha=alpha, temperature=temperature

@@ -33,6 +33,7 @@ from core.privacy.engine import DPSGDEngine
 from core.privacy.planner import plan_embedding_noise
 from core.privacy.sparse_embedding import SparseEmbeddingUpdate
 from core.recipe_api import JobContext, RecipeResult
+from core.training.frozen_body import body_is_frozen, frozen_body_loss
 from core.training.losses import (
     causal_lm_loss_per_example,
     classification_loss_per_example,
@@ -81,10 +82,11 @@ def run(ctx: JobContext) -> RecipeResult:
         optimizer=opt.optimizer,
         phase=phase,
         dataset=train_rows,
-        loss_fn=(
+        loss_fn=frozen_body_loss(  # a frozen body's features are computed once per row
+            model,
             classification_loss_per_example
             if task == "classification"
-            else causal_lm_loss_per_example
+            else causal_lm_loss_per_example,
         ),
         hooks=hooks,
         config=engine_config(spec),
@@ -115,6 +117,7 @@ def run(ctx: JobContext) -> RecipeResult:
         "learning_rate": opt.learning_rate,
         "head_learning_rate": opt.head_learning_rate,
         "train_body": opt.train_body,
+        "frozen_body_features_cached": body_is_frozen(model),
         "pooling": loaded.pooling,
         "trainable_parameters": opt.trainable_parameters,
         "non_private_metrics": ["train_loss", "samples_seen"],

@@ -56,6 +56,7 @@ from core.models.loading import Task
 from core.privacy.engine import DPSGDEngine
 from core.recipe_api import JobContext, RecipeHooks, RecipeResult
 from core.training.checkpoint import find_checkpoint
+from core.training.frozen_body import frozen_body_loss
 from core.training.losses import causal_lm_loss_per_example, classification_loss_per_example
 from core.training.optim import COMPRESSION_CLASSIFIER_BODY as CLASSIFIER_BODY
 from core.training.optim import body_training, dp_optimizer, engine_config
@@ -235,12 +236,16 @@ def run(ctx: JobContext) -> RecipeResult:
 def _train_segment(ctx: JobContext, model, rows, seg_hooks: SegmentHooks, task: str):
     """DP-SGD on ``model`` for one segment: fresh optimizer (per-group lr), new engine."""
     spec = ctx.spec
+    optimizer = dp_optimizer(model, spec, task=task, classifier_body=CLASSIFIER_BODY).optimizer
     engine = DPSGDEngine(
         model=model,
-        optimizer=dp_optimizer(model, spec, task=task, classifier_body=CLASSIFIER_BODY).optimizer,
+        optimizer=optimizer,
         phase=ctx.plan.phase(PHASE), dataset=rows,
-        loss_fn=(classification_loss_per_example if task == "classification"
-                 else causal_lm_loss_per_example),
+        loss_fn=frozen_body_loss(  # a frozen body: features once per row (this segment)
+            model,
+            classification_loss_per_example if task == "classification"
+            else causal_lm_loss_per_example,
+        ),
         hooks=seg_hooks,
         config=engine_config(spec, step_offset=seg_hooks.start),
         device=ctx.device,

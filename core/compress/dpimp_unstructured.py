@@ -55,6 +55,7 @@ from core.models import load_model, save_model
 from core.models.loading import Task
 from core.privacy.engine import DPSGDEngine
 from core.recipe_api import JobContext, RecipeHooks, RecipeResult
+from core.training.frozen_body import frozen_body_loss
 from core.training.losses import causal_lm_loss_per_example, classification_loss_per_example
 from core.training.optim import COMPRESSION_CLASSIFIER_BODY as CLASSIFIER_BODY
 from core.training.optim import dp_optimizer, engine_config
@@ -174,8 +175,11 @@ def run(ctx: JobContext) -> RecipeResult:
     # 5. DP-SGD with masks re-applied after every update
     engine = DPSGDEngine(
         model=model, optimizer=opt.optimizer, phase=phase, dataset=train_rows,
-        loss_fn=(classification_loss_per_example if task == "classification"
-                 else causal_lm_loss_per_example),
+        loss_fn=frozen_body_loss(  # a frozen body: features once per row, after pruning
+            model,
+            classification_loss_per_example if task == "classification"
+            else causal_lm_loss_per_example,
+        ),
         hooks=masking,
         config=engine_config(spec),
         device=ctx.device,

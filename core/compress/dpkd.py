@@ -57,6 +57,7 @@ from core.models import (
 from core.models.loading import LoadedModel, Task
 from core.privacy.engine import DPSGDEngine, PhaseResult
 from core.recipe_api import JobContext, RecipeResult
+from core.training.frozen_body import frozen_body_loss
 from core.training.losses import causal_lm_loss_per_example, classification_loss_per_example
 from core.training.optim import COMPRESSION_CLASSIFIER_BODY as CLASSIFIER_BODY
 from core.training.optim import body_training, dp_optimizer, engine_config
@@ -137,7 +138,8 @@ def run(ctx: JobContext) -> RecipeResult:
     apply_tied_weights_policy(student, spec.model.tied_weights)
 
     # 3. DP-SGD on the private rows with the distillation loss
-    kd_loss = make_kd_loss(teacher, alpha=spec.distill.alpha, temperature=spec.distill.temperature)
+    kd_loss = make_kd_loss(teacher, alpha=spec.distill.alpha, temperature=spec.distill.temperature,
+                           cache_teacher_logits=task == "classification")  # fmt: skip
     student_result = _dp_sgd(ctx, student, train_rows, STUDENT, kd_loss)
     student.eval()
 
@@ -198,13 +200,16 @@ def _load_base(ctx: JobContext, task: Task) -> LoadedModel:
 def _dp_sgd(
     ctx: JobContext, model, rows, phase_name: str, loss_fn
 ) -> PhaseResult:
-    """Exactly the planned steps of DP phase ``phase_name`` on ``model`` (per-group lr)."""
+    """Exactly the planned steps of DP phase ``phase_name`` on ``model`` (per-group lr); a
+    frozen body's features are computed once per row (:mod:`core.training.frozen_body`)."""
+    optimizer = dp_optimizer(
+        model, ctx.spec, task=ctx.train.task, classifier_body=CLASSIFIER_BODY
+    ).optimizer
     engine = DPSGDEngine(
         model=model,
-        optimizer=dp_optimizer(
-            model, ctx.spec, task=ctx.train.task, classifier_body=CLASSIFIER_BODY
-        ).optimizer,
-        phase=ctx.plan.phase(phase_name), dataset=rows, loss_fn=loss_fn, hooks=ctx.hooks,
+        optimizer=optimizer,
+        phase=ctx.plan.phase(phase_name), dataset=rows,
+        loss_fn=frozen_body_loss(model, loss_fn), hooks=ctx.hooks,
         config=engine_config(ctx.spec),
         device=ctx.device,
     )  # fmt: skip

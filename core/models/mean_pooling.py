@@ -79,15 +79,31 @@ class BertMeanPoolForSequenceClassification(BertPreTrainedModel):
             inputs_embeds=inputs_embeds,
             **kwargs,
         )
-        hidden = out.last_hidden_state  # [B, T, H]
-        if attention_mask is None:
-            attention_mask = torch.ones(hidden.shape[:2], device=hidden.device)
-        mask = attention_mask.unsqueeze(-1).to(hidden.dtype)  # [B, T, 1]
-        pooled = (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1e-9)  # [B, H]
-        logits = self.classifier(self.dropout(pooled))  # [B, num_labels]
+        logits = self.classify(self.mean_pool(out.last_hidden_state, attention_mask))
         loss = None
         if labels is not None:
             loss = F.cross_entropy(logits.view(-1, self.num_labels), labels.view(-1))
         return SequenceClassifierOutput(
             loss=loss, logits=logits, hidden_states=out.hidden_states, attentions=out.attentions
         )
+
+    def pooled_features(self, **inputs: torch.Tensor) -> torch.Tensor:
+        """The encoder's masked mean over tokens, shape [B, H] (what :meth:`classify` reads).
+
+        Args:
+            inputs: the encoder's inputs (``input_ids``, ``attention_mask``, ...).
+        """
+        hidden = self.bert(**inputs).last_hidden_state  # [B, T, H]
+        return self.mean_pool(hidden, inputs.get("attention_mask"))
+
+    def classify(self, pooled: torch.Tensor) -> torch.Tensor:
+        """The head: dropout → linear, [B, H] → logits [B, num_labels]."""
+        return self.classifier(self.dropout(pooled))
+
+    @staticmethod
+    def mean_pool(hidden: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+        """Mean of ``hidden`` [B, T, H] over the real tokens of ``attention_mask`` [B, T]."""
+        if attention_mask is None:
+            attention_mask = torch.ones(hidden.shape[:2], device=hidden.device)
+        mask = attention_mask.unsqueeze(-1).to(hidden.dtype)  # [B, T, 1]
+        return (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1e-9)  # [B, H]
