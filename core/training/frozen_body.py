@@ -5,16 +5,18 @@ or ``training.train_body=false``), every DP-SGD step would run the whole frozen 
 again to get the same pooled vector; only the head (dropout → linear) changes. Here the
 body runs once per distinct row, in eval mode (no dropout inside the frozen body; the
 head's dropout still applies), and later steps read the pooled vector from memory: many
-epochs cost about one pass of the encoder (DESIGN section 8).
+epochs cost about one pass of the encoder (MiniLM-L6, 4,096 SST-2 rows, 12 epochs,
+head only: 38 s instead of 15 min on one CPU thread, bench/compression.py).
 
 Privacy: unchanged. Each example's loss is still a function of that example alone and of
 the head's parameters, and the engine clips and noises it exactly as before; which rows a
 step reads is still the Poisson draw. The features stay in the worker's memory for the
 phase: never logged, returned or checkpointed.
 
-The cache is valid only while the body's weights are constant: the caller wraps the loss
-after any pruning of the frozen body (:func:`frozen_body_loss` builds a fresh cache per
-call; dpimp recipes prune a frozen body once, in ``begin_phase``, before the first loss).
+The cache is valid only while the body's weights are constant. It fills as rows are first
+seen, so a frozen body may be changed only before a phase's first loss (the dpimp recipes
+prune a frozen body once, in ``begin_phase``); each engine gets its own cache from
+:func:`frozen_body_loss`.
 """
 
 from __future__ import annotations
