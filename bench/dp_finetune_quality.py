@@ -4,15 +4,16 @@ MiniLM-L6 (``bundled:minilm-l6``, mean-pooled classifier) trained by
 :func:`core.compress.dp_finetune.run` on the first ``--rows`` SST-2 training rows, evaluated
 on all 872 SST-2 dev rows. Each ε is planned by :func:`core.privacy.planner.plan_job`
 (δ = 1/(10·N), PRV accountant, q = batch/N, T = ⌈epochs·N/batch⌉). The non-private
-baseline is the *same recipe* on the same rows, the same number of Poisson logical steps
-and the same expected batch, with a hand-built plan of σ = 0 and C = 1e6 (no noise, no
-clipping in effect: the update is the plain mean gradient). Training options left unset
+baseline is the *same recipe* on the same rows, the same phases (the linear probe and the
+fine-tuning), Poisson logical steps and expected batch, with σ = 0 and C = 1e6 (no noise,
+no clipping in effect: the update is the plain mean gradient). Training options left unset
 on the command line take the ``TrainingSpec`` defaults, so with no flags this measures
 what a user who gives only method/dataset/model/ε gets.
 
     HF_HUB_OFFLINE=1 .venv/bin/python -m bench.dp_finetune_quality \
         [--rows 4096] [--epsilons 8,3] [--no-baseline] [--train-body true|false|bitfit] \
-        [--lr 5e-4] [--head-lr 2e-2] [--batch-size 1024] [--epochs 3] [--threads 1]
+        [--lr 5e-4] [--head-lr 2e-2] [--batch-size 1024] [--epochs 3] [--probe-epochs 12]
+        [--threads 1]
 
 Writes ``bench/results/dp_finetune_quality.json`` (or ``--out``). Reads SST-2 in place
 from ``../shared/data/sst2/{train,dev}.tsv`` (or ``$DPC_SHARED_DATA/sst2/``). DP noise and
@@ -47,25 +48,26 @@ def sst2_dir() -> Path:
 class MemoryHooks:
     """RecipeHooks in memory: every planned step allowed, nothing charged, events kept."""
 
-    def __init__(self, ckpt_root: Path, steps: int):
-        self.ckpt_root, self.steps = ckpt_root, steps
+    def __init__(self, ckpt_root: Path, steps: dict[str, int]):
+        self.ckpt_root, self.steps = ckpt_root, steps  # planned steps per phase
         self.events: list[tuple[str, dict[str, Any]]] = []
         self.losses: list[float] = []
 
     def begin_phase(self, phase: str, *, resumed_step: int) -> int:
-        return self.steps
+        return self.steps[phase]
 
     def before_step(self, phase: str, step: int) -> None:
         pass
 
     def after_step(self, phase: str, step: int, metrics: dict[str, float]) -> None:
+        if step % 8 == 0 or step == self.steps[phase]:
+            loss = metrics.get("loss", float("nan"))
+            print(f"  {phase} step {step}/{self.steps[phase]} loss {loss:.4f}", file=sys.stderr,
+                  flush=True)  # fmt: skip
+        if phase != "train":
+            return
         if "loss" in metrics:
             self.losses.append(metrics["loss"])
-        if step % 8 == 0 or step == self.steps:
-            loss = metrics.get("loss", float("nan"))
-            print(
-                f"  {phase} step {step}/{self.steps} loss {loss:.4f}", file=sys.stderr, flush=True
-            )
 
     def checkpoint_dir(self, phase: str) -> Path:
         return self.ckpt_root / phase
@@ -85,7 +87,8 @@ def training_overrides(args) -> dict[str, Any]:
     out: dict[str, Any] = {"max_seq_length": args.max_seq_length}
     for flag, field in (("epochs", "epochs"), ("batch_size", "batch_size"),
                         ("lr", "learning_rate"), ("head_lr", "head_learning_rate"),
-                        ("train_body", "train_body"), ("lr_schedule", "lr_schedule")):  # fmt: skip
+                        ("train_body", "train_body"), ("lr_schedule", "lr_schedule"),
+                        ("probe_epochs", "probe_epochs")):  # fmt: skip
         value = getattr(args, flag)
         if value is not None:
             out[field] = value
@@ -95,8 +98,8 @@ def training_overrides(args) -> dict[str, Any]:
 def run_one(label: str, args, train_rows: list[dict], dev_rows: list[dict]) -> dict:
     """One recipe run: ``label`` is an ε (as text) or ``non_private``."""
     from core.compress import dp_finetune
-    from core.privacy.plan import PhasePlan, PrivacyPlan
-    from core.privacy.planner import plan_job, sample_rate_and_steps
+    from core.privacy.plan import PrivacyPlan
+    from core.privacy.planner import plan_job
     from core.recipe_api import DatasetView, JobContext
     from core.specs import JobSpec
 
@@ -106,18 +109,14 @@ def run_one(label: str, args, train_rows: list[dict], dev_rows: list[dict]) -> d
         model={"base": "bundled:minilm-l6"}, privacy={"epsilon": epsilon},
         training=training_overrides(args),
     )  # fmt: skip
-    n = len(train_rows)
-    if label == NON_PRIVATE:
-        q, steps = sample_rate_and_steps(spec, n)
-        phase = PhasePlan(name="train", mechanism="poisson_gaussian", sample_rate=q,
-                          noise_multiplier=0.0, steps=steps, max_grad_norm=1e6,
-                          batch_size=spec.training.batch_size)  # fmt: skip
-        plan = PrivacyPlan(accountant="none", delta=0.0, epsilon=float("inf"), phases=[phase])
-    else:
-        plan = plan_job(spec, num_records=n)
+    plan = plan_job(spec, num_records=len(train_rows), task="classification")
+    if label == NON_PRIVATE:  # the same phases and steps without noise or clipping
+        phases = [p.model_copy(update={"noise_multiplier": 0.0, "max_grad_norm": 1e6})
+                  for p in plan.phases]  # fmt: skip
+        plan = PrivacyPlan(accountant="none", delta=0.0, epsilon=float("inf"), phases=phases)
     phase = plan.phase("train")
     with tempfile.TemporaryDirectory(prefix="dpc-quality-") as tmp:
-        hooks = MemoryHooks(Path(tmp) / "ckpt", phase.steps)
+        hooks = MemoryHooks(Path(tmp) / "ckpt", {p.name: p.steps for p in plan.phases})
         ctx = JobContext(
             job_id=f"bench_{label}", spec=spec, plan=plan,
             train=DatasetView("ds_sst2", "classification", ["0", "1"], train_rows),
@@ -147,6 +146,10 @@ def run_one(label: str, args, train_rows: list[dict], dev_rows: list[dict]) -> d
         "samples_per_second": metrics["samples_per_second"],
         "seconds": round(seconds, 1),  # load + tokenise + train + eval + save
         "train_loss_last_fifth": round(sum(tail) / len(tail), 4) if tail else None,
+        "probe": None if metrics["probe"] is None else {
+            k: metrics["probe"][k] for k in ("epochs", "steps", "noise_multiplier",
+                                             "train_seconds", "frozen_body_features_cached")
+        },  # fmt: skip
     }
 
 
@@ -160,6 +163,8 @@ def main() -> None:
     parser.add_argument("--train-body", type=parse_train_body,
                         help="true/false/bitfit; default: the recipe's")  # fmt: skip
     parser.add_argument("--lr-schedule", choices=["constant", "linear"], default=None)
+    parser.add_argument("--probe-epochs", type=float, default=None,
+                        help="epochs of the linear-probe phase (0: none); default: the spec's")
     parser.add_argument("--max-seq-length", type=int, default=64)
     parser.add_argument("--epsilons", default="8,3", help="comma-separated ε values")
     parser.add_argument("--no-baseline", action="store_true", help="skip the non-private run")

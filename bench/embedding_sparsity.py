@@ -80,6 +80,7 @@ def run_one(mode: str, epsilon: float, repeat: int, args, train_rows, dev_rows, 
     training = {"max_seq_length": args.max_seq_length, "epochs": args.epochs,
                 "batch_size": args.batch_size,
                 "train_body": "bitfit" if args.train_body == "bitfit" else False,
+                "probe_epochs": 0,  # one phase: the modes differ in it alone (no head probe)
                 **({"learning_rate": args.lr} if args.lr is not None else {})}  # fmt: skip
     spec = JobSpec(method="dp_finetune", dataset_id="ds_sst2", eval_dataset_id="ds_dev",
                    model={"base": args.base}, privacy={"epsilon": epsilon},
@@ -87,7 +88,7 @@ def run_one(mode: str, epsilon: float, repeat: int, args, train_rows, dev_rows, 
     plan = plan_job(spec, num_records=len(train_rows))
     phase = plan.phase("train")
     with tempfile.TemporaryDirectory(prefix="dpc-embsparse-") as tmp:
-        hooks = MemoryHooks(Path(tmp) / "ckpt", phase.steps)
+        hooks = MemoryHooks(Path(tmp) / "ckpt", {phase.name: phase.steps})
         ctx = JobContext(
             job_id=f"bench_{mode}_{epsilon}", spec=spec, plan=plan,
             train=DatasetView("ds_sst2", "classification", ["0", "1"], train_rows),

@@ -79,7 +79,7 @@ def _validate_against_data(session, *, tenant_id: str, spec: JobSpec):
     spec_delta = spec.privacy.delta if spec.privacy.delta is not None else ds.delta
     planned_spec = spec.model_copy(deep=True)
     planned_spec.privacy.delta = spec_delta
-    plan = plan_job(planned_spec, num_records=ds.num_records,
+    plan = plan_job(planned_spec, num_records=ds.num_records, task=ds.task,
                     teacher_precharged=teacher_precharged, has_control_codes=bool(ds.controls))
     return ds, plan
 
@@ -108,7 +108,8 @@ def create_job(spec: JobSpec, tenant_id: TenantId, session: WriteSession, respon
         session.rollback()
         response.status_code = 200
         return DryRunPublic(plan=plan_json, budget=budget,
-                            estimate={"seconds": round(estimate_seconds(spec, ds.num_records))})
+                            estimate={"seconds": round(estimate_seconds(spec, ds.num_records,
+                                                                        ds.task))})
     # Lock the dataset row before the job row's foreign key takes a share lock on it:
     # concurrent submissions then queue here instead of deadlocking.
     get_dataset(session, tenant_id=tenant_id, dataset_id=ds.id, lock=True)

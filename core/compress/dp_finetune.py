@@ -4,6 +4,10 @@ The baseline of every method (Mireshghallah et al. 2022; Abadi et al. 2016, Alg.
 
     1. load the base model with a task head (mean-pooled classifier, or the LM head)
     2. tokenise the private rows
+    2b. a classifier whose body will train: DP-SGD phase "probe" on the fresh head alone
+       (linear probing, then fine-tuning: LP-FT, Kumar et al. 2022), on the frozen body's
+       features computed once per row; ``training.probe_epochs``, ε share
+       ``privacy.phase_split``. A resumed job whose probe finished reloads its head
     3. choose what trains — by default a classifier's head plus the body's biases and
        norms (BitFit), a causal LM's whole body; the word embedding too when
        ``embedding.mode`` is set — with per-group learning rates (fresh head ≫ body)
@@ -12,16 +16,21 @@ The baseline of every method (Mireshghallah et al. 2022; Abadi et al. 2016, Alg.
     5. evaluate on the user's eval dataset, if named (non-private evaluation)
     6. save an HF folder + tokenizer into ``ctx.output_dir``
 
-Privacy: only step 4 reads private rows, through the engine, which reports every logical
-step to ``ctx.hooks`` before it touches data. The train loss in the metrics is computed
-on private rows and flagged non-private.
+Privacy: only steps 2b and 4 read private rows, each through its engine, which reports
+every logical step to ``ctx.hooks`` under its phase's name before it touches data; the
+ledger composes the two phases with the accountant. The train loss in the metrics is
+computed on private rows and flagged non-private.
 """
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import cast
 
 import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
 
 from core.compress.report import evaluate_on_eval_set, phase_run_metrics
 from core.data import encode_dataset
@@ -33,14 +42,16 @@ from core.privacy.engine import DPSGDEngine
 from core.privacy.planner import plan_embedding_noise
 from core.privacy.sparse_embedding import SparseEmbeddingUpdate
 from core.recipe_api import JobContext, RecipeResult
+from core.specs import FINETUNE_CLASSIFIER_BODY, EmbeddingSpec
 from core.training.frozen_body import body_is_frozen, frozen_body_loss
 from core.training.losses import (
     causal_lm_loss_per_example,
     classification_loss_per_example,
 )
-from core.training.optim import FINETUNE_CLASSIFIER_BODY, dp_optimizer, engine_config
+from core.training.optim import dp_optimizer, engine_config
 
-PHASE = "train"
+PHASE, PROBE = "train", "probe"
+PROBE_HEAD, PROBE_DONE = "head.safetensors", "probe.json"  # in ctx.work_dir / "probe"
 
 
 def run(ctx: JobContext) -> RecipeResult:
@@ -69,6 +80,10 @@ def run(ctx: JobContext) -> RecipeResult:
         ctx.train, tokenizer, task=task, max_seq_length=training.max_seq_length,
         uses_token_type_ids=uses_token_type_ids,
     )  # fmt: skip
+
+    # 2b. linear probe: DP-SGD of the fresh head alone (when the plan has the phase)
+    has_probe = any(p.name == PROBE for p in ctx.plan.phases)
+    probe_metrics = _linear_probe(ctx, model, train_rows) if has_probe else None
 
     # 3. what trains (core.training.optim), per-group lr: body vs freshly initialised head
     opt = dp_optimizer(model, spec, task=task, classifier_body=FINETUNE_CLASSIFIER_BODY)
@@ -105,6 +120,7 @@ def run(ctx: JobContext) -> RecipeResult:
     metrics = {
         "task": task,
         "phase": PHASE,
+        "probe": probe_metrics,  # None: no linear-probe phase
         **phase_run_metrics(result, planned=phase.steps),
         "samples_per_second": (  # of this attempt
             round(result.samples_this_attempt / result.seconds, 3) if result.seconds else None
@@ -120,7 +136,8 @@ def run(ctx: JobContext) -> RecipeResult:
         "frozen_body_features_cached": body_is_frozen(model),
         "pooling": loaded.pooling,
         "trainable_parameters": opt.trainable_parameters,
-        "non_private_metrics": ["train_loss", "samples_seen"],
+        "non_private_metrics": ["train_loss", "samples_seen", "probe.train_loss",
+                                "probe.samples_seen"],
         "embedding_mode": (  # fest/adafest on a frozen (tied) embedding run as "frozen"
             "frozen"
             if not model.get_input_embeddings().weight.requires_grad
@@ -156,6 +173,58 @@ def run(ctx: JobContext) -> RecipeResult:
         "load": load_snippet(task, loaded.pooling),
     }
     return RecipeResult(metrics=metrics, model_card_extra=card)
+
+
+def _linear_probe(ctx: JobContext, model: nn.Module, rows) -> dict:
+    """Phase "probe": DP-SGD of the head alone, the body and word embedding frozen (the
+    body's features cached per row, :mod:`core.training.frozen_body`), for
+    ``training.probe_epochs`` (the plan's steps). Afterwards every parameter gets back the
+    ``requires_grad`` it had. Returns the phase's metrics.
+
+    Resume: the trained head and a marker go to ``work_dir/probe``; a restarted job whose
+    probe finished loads that head instead of running (and charging) the phase again.
+    """
+    folder, phase = Path(ctx.work_dir) / PROBE, ctx.plan.phase(PROBE)
+    if (folder / PROBE_DONE).exists():
+        named = dict(model.named_parameters())
+        with torch.no_grad():
+            for name, value in load_file(str(folder / PROBE_HEAD)).items():
+                named[name].copy_(value)
+        return {**json.loads((folder / PROBE_DONE).read_text()), "reloaded": True}
+    spec = ctx.spec
+    probe_spec = spec.model_copy(update={  # head only: no body, no word embedding
+        "training": spec.training.model_copy(update={"train_body": False}),
+        "embedding": EmbeddingSpec(),
+    })  # fmt: skip
+    flags = {name: p.requires_grad for name, p in model.named_parameters()}
+    opt = dp_optimizer(model, probe_spec, task="classification", classifier_body=False)
+    engine = DPSGDEngine(
+        model=model, optimizer=opt.optimizer, phase=phase, dataset=rows,
+        loss_fn=frozen_body_loss(model, classification_loss_per_example),
+        hooks=ctx.hooks, config=engine_config(probe_spec), device=ctx.device,
+    )  # fmt: skip
+    features_cached = body_is_frozen(model)
+    result = engine.run()
+    head = {n: p.detach().cpu().contiguous() for n, p in model.named_parameters()
+            if p.requires_grad}  # fmt: skip
+    for name, p in model.named_parameters():
+        p.requires_grad_(flags[name])
+    metrics = {
+        **phase_run_metrics(result, planned=phase.steps),
+        "epochs": spec.training.linear_probe_epochs(method="dp_finetune",
+                                                    task="classification"),
+        "sample_rate": phase.sample_rate,
+        "noise_multiplier": phase.noise_multiplier,
+        "head_learning_rate": opt.head_learning_rate,
+        "trainable_parameters": opt.trainable_parameters,
+        "frozen_body_features_cached": features_cached,
+    }
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file(head, str(folder / PROBE_HEAD))
+    tmp = folder / f".{PROBE_DONE}.tmp"
+    tmp.write_text(json.dumps(metrics))
+    tmp.replace(folder / PROBE_DONE)
+    return metrics
 
 
 def _setup_sparse_embedding(

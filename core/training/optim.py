@@ -29,8 +29,7 @@ from core.models import split_trainable
 from core.privacy.engine import EngineConfig
 from core.specs import BodyTraining, JobSpec
 
-HEAD_LR = 2e-2
-FINETUNE_CLASSIFIER_BODY: BodyTraining = "bitfit"  # dp_finetune
+HEAD_LR = 2e-2  # dp_finetune's default body: core.specs.FINETUNE_CLASSIFIER_BODY
 COMPRESSION_CLASSIFIER_BODY: BodyTraining = False  # dpkd, dpimp_structured, dpimp_unstructured
 
 

@@ -160,3 +160,79 @@ def test_recipe_registry_is_a_whitelist_and_torch_free():
         load_recipe("os:system")
     code = "import sys, core.compress; assert 'torch' not in sys.modules, 'torch imported'"
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
+
+
+class PerPhaseHooks:
+    """RecipeHooks that grant each phase its planned steps and record them per phase."""
+
+    def __init__(self, plan, ckpt_root, *, cancel_before=None):
+        self.planned = {p.name: p.steps for p in plan.phases}
+        self.ckpt_root, self.cancel_before = ckpt_root, cancel_before  # (phase, step)
+        self.before: dict[str, list[int]] = {name: [] for name in self.planned}
+        self.events: list[tuple[str, dict]] = []
+
+    def begin_phase(self, phase, *, resumed_step):
+        return self.planned[phase]
+
+    def before_step(self, phase, step):
+        if (phase, step) == self.cancel_before:
+            self.cancel_before = None
+            raise JobCancelled(f"cancelled before {phase} step {step}")
+        self.before[phase].append(step)
+
+    def after_step(self, phase, step, metrics):
+        pass
+
+    def checkpoint_dir(self, phase):
+        return self.ckpt_root / phase
+
+    def event(self, kind, data):
+        self.events.append((kind, data))
+
+
+def _probe_ctx(tmp_path, **training):
+    from core.privacy.planner import plan_job
+
+    spec = JobSpec.model_validate({
+        "method": "dp_finetune", "dataset_id": "ds_train", "model": {"base": "tiny:bert"},
+        "privacy": {"epsilon": 8.0},
+        "training": {"batch_size": 8, "physical_batch_size": 8, "max_seq_length": 16,
+                     "epochs": 1, **training},
+    })  # fmt: skip
+    plan = plan_job(spec, num_records=32, task="classification")
+    return spec, plan
+
+
+def test_linear_probe_phase_trains_the_head_alone_then_fine_tuning_runs(tmp_path):
+    from safetensors.torch import load_file
+
+    spec, plan = _probe_ctx(tmp_path, probe_epochs=2)
+    assert [(p.name, p.steps) for p in plan.phases] == [("probe", 8), ("train", 4)]
+    hooks = PerPhaseHooks(plan, tmp_path / "ckpt", cancel_before=("train", 1))
+    ctx = JobContext(job_id="job_test", spec=spec, plan=plan, train=view(text_rows(32, seed=1)),
+                     eval=None, output_dir=tmp_path / "out", work_dir=tmp_path / "work",
+                     hooks=hooks)  # fmt: skip
+    with pytest.raises(JobCancelled):  # the probe finished; fine-tuning had not started
+        load_recipe("dp_finetune")(ctx)
+    assert hooks.before == {"probe": list(range(1, 9)), "train": []}
+    head = load_file(str(tmp_path / "work" / "probe" / "head.safetensors"))
+    assert sorted(head) == ["classifier.bias", "classifier.weight"]  # nothing else trained
+
+    result = load_recipe("dp_finetune")(ctx)  # the runner's retry
+    m = result.metrics
+    assert hooks.before == {"probe": list(range(1, 9)), "train": [1, 2, 3, 4]}  # no re-run
+    assert m["probe"]["reloaded"] is True and m["probe"]["steps"] == 8
+    assert m["probe"]["frozen_body_features_cached"] is True
+    assert m["probe"]["noise_multiplier"] == plan.phase("probe").noise_multiplier
+    assert m["probe"]["trainable_parameters"] == head["classifier.weight"].numel() + 2
+    # fine-tuning got its body back: BitFit biases and norms train with the head
+    assert m["train_body"] == "bitfit" and m["trainable_parameters"] > 10 * (
+        m["probe"]["trainable_parameters"]
+    )
+    assert m["steps"] == 4 and m["noise_multiplier"] == plan.phase("train").noise_multiplier
+
+
+def test_no_probe_phase_when_turned_off_or_the_body_is_frozen(tmp_path):
+    for training in ({"probe_epochs": 0}, {"train_body": False}):
+        _, plan = _probe_ctx(tmp_path, **training)
+        assert [p.name for p in plan.phases] == ["train"]

@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from core.errors import ValidationFailed
+from core.errors import InvalidRequest, ValidationFailed
 from core.privacy.accounting import DpEvent, compose_epsilon
 from core.privacy.planner import (
     DISTILDP_TEACHER_SHARE,
@@ -75,7 +75,9 @@ def test_sample_rate_and_steps_formula():
 
 @pytest.mark.parametrize("method", ["dp_finetune", "dpimp_structured", "dpimp_unstructured"])
 def test_single_phase_methods(method):
-    spec = make_spec(method, max_grad_norm=0.5, training={"batch_size": 128, "epochs": 2})
+    probe = {"probe_epochs": 0} if method == "dp_finetune" else {}  # its probe: below
+    spec = make_spec(method, max_grad_norm=0.5,
+                     training={"batch_size": 128, "epochs": 2, **probe})  # fmt: skip
     plan = plan_job(spec, num_records=N)
     (train,) = plan.phases
     assert (train.name, train.mechanism) == ("train", "poisson_gaussian")
@@ -135,7 +137,9 @@ def test_rdp_plan_reports_the_rdp_accountant():
 
 @pytest.mark.parametrize(
     ("method", "epsilon", "limit"),
-    [("dp_finetune", 2.5, 5), ("dpkd", 2.5, 5), ("distildp", 2.5, 5)],
+    # dp_finetune composes two phases of different shapes (its 12-epoch linear probe): two
+    # σ curves to search instead of dpkd's one
+    [("dp_finetune", 2.5, 8), ("dpkd", 2.5, 5), ("distildp", 2.5, 5)],
 )
 def test_planning_is_fast_on_sst2(method, epsilon, limit):
     start = time.process_time()  # CPU seconds: a busy machine must not fail the test
@@ -165,3 +169,46 @@ def test_distildp_without_control_codes_plans_no_histogram():
     assert [p.name for p in without.phases] == ["teacher"]
     # the teacher gets the whole ε: less noise than when sharing with the histogram
     assert without.phases[0].noise_multiplier < with_codes.phase("teacher").noise_multiplier
+
+
+def test_dp_finetune_of_a_classifier_probes_its_head_first():
+    from core.privacy.planner import DP_FINETUNE_PROBE_SHARE
+    from core.specs import DEFAULT_PROBE_EPOCHS
+
+    spec = make_spec(training={"batch_size": 250, "epochs": 3})
+    plan = plan_job(spec, num_records=N)
+    probe, train = plan.phases
+    assert (probe.name, train.name) == ("probe", "train")
+    assert probe.steps == math.ceil(DEFAULT_PROBE_EPOCHS * N / 250) and train.steps == 60
+    assert probe.sample_rate == train.sample_rate == 250 / N
+    events = [DpEvent("poisson_gaussian", p.noise_multiplier, p.sample_rate, p.steps)
+              for p in plan.phases]  # fmt: skip
+    assert compose_epsilon(events, delta=plan.delta) == pytest.approx(plan.epsilon)
+    check_within_target(plan, 3.0)
+    # a quarter of ε to the probe: its ε alone is below the fine-tuning's
+    assert probe.epsilon < train.epsilon
+    split = plan_job(make_spec(training={"batch_size": 250}, phase_split=0.6), num_records=N)
+    assert split.phase("probe").epsilon > split.phase("train").epsilon
+    assert DP_FINETUNE_PROBE_SHARE == 0.25
+
+
+@pytest.mark.parametrize(
+    ("training", "task"),
+    [({"probe_epochs": 0}, "classification"), ({"train_body": False}, "classification"),
+     ({}, "causal_lm")],
+)
+def test_dp_finetune_without_a_probe_phase(training, task):
+    plan = plan_job(make_spec(training=training), num_records=N, task=task)
+    assert [p.name for p in plan.phases] == ["train"]
+
+
+@pytest.mark.parametrize(
+    ("method", "training", "task"),
+    [("dp_finetune", {"probe_epochs": 2, "train_body": False}, "classification"),
+     ("dp_finetune", {"probe_epochs": 2}, "causal_lm"),
+     ("dpkd", {"probe_epochs": 2}, "classification")],
+)
+def test_a_probe_that_cannot_run_is_refused(method, training, task):
+    with pytest.raises(InvalidRequest) as err:
+        plan_job(make_spec(method, training=training), num_records=N, task=task)
+    assert err.value.param == "training.probe_epochs"
