@@ -22,11 +22,14 @@ def upload_reviews(client: httpx.Client, *, cap: float = 20.0, n: int = 64) -> d
 
 
 def tiny_spec(dataset_id: str, *, epochs: float = 2, batch_size: int = 16,
-              epsilon: float = 4.0) -> dict:
+              epsilon: float = 4.0, probe_epochs: float = 0) -> dict:
+    """A quick dp_finetune job on tiny:bert; one DP phase unless ``probe_epochs`` > 0 adds
+    the linear-probe phase (the default of a real job)."""
     return {"method": "dp_finetune", "dataset_id": dataset_id, "model": {"base": "tiny:bert"},
             "privacy": {"epsilon": epsilon},
             "training": {"epochs": epochs, "batch_size": batch_size, "physical_batch_size": 8,
-                         "max_seq_length": 16, "learning_rate": 1e-3}}
+                         "max_seq_length": 16, "learning_rate": 1e-3,
+                         "probe_epochs": probe_epochs}}
 
 
 def submit(client: httpx.Client, spec: dict, **headers: str) -> dict:

@@ -77,6 +77,7 @@ def test_cli_upload_plan_submit_watch_download(embedded_service, tmp_path):
                     "physical_batch_size": 8,
                     "max_seq_length": 16,
                     "learning_rate": 1e-3,
+                    "probe_epochs": 0,  # one phase (test_embedded runs the two-phase default)
                 },
             }
         )

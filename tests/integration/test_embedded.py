@@ -51,12 +51,14 @@ def test_embedded_default_end_to_end(tmp_path):
         with httpx.Client(base_url=f"http://127.0.0.1:{port}", headers=headers,
                           timeout=30) as c:
             ds = upload_reviews(c)
-            job = submit(c, tiny_spec(ds["id"]))
+            job = submit(c, tiny_spec(ds["id"], probe_epochs=2))  # two phases, like a real job
             done = wait_for(c, job["id"], {"succeeded", "failed"}, timeout=300)
             assert done["status"] == "succeeded", (done,
                                                    (tmp_path / "serve.log").read_text()[-3000:])
             ledger = c.get(f"/v1/jobs/{job['id']}/ledger").json()
-            assert charged_steps(ledger) == {"train": done["privacy"]["plan"]["phases"][0]["steps"]}
+            phases = done["privacy"]["plan"]["phases"]
+            assert [p["name"] for p in phases] == ["probe", "train"]
+            assert charged_steps(ledger) == {p["name"]: p["steps"] for p in phases}
             assert_loads_and_predicts(download_model(c, job["id"], tmp_path / "dl"))
         assert (tmp_path / "var" / "dpc.sqlite3").exists()
     finally:

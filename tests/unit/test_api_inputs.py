@@ -144,6 +144,8 @@ def test_bad_specs_report_every_problem_at_once(client):
     (lambda s: s["model"].update(base="some-org/not-cached"), 422, "model.base"),
     (lambda s: s["model"].update(base="job:job_nope"), 422, "model.base"),
     (lambda s: s.update(method="distildp"), 422, "method"),
+    (lambda s: s["training"].update(probe_epochs=2, train_body=False), 422,
+     "training.probe_epochs"),  # a head-only job has no separate head probe
 ])
 def test_bad_job_fields(client, mutate, status, param):
     ds = upload(client).json()
@@ -169,8 +171,10 @@ def test_dry_run_plans_and_changes_nothing(client):
     assert r.status_code == 200, r.text
     out = r.json()
     plan = out["plan"]
-    assert plan["phases"][0]["sample_rate"] == pytest.approx(16 / 64)
-    assert plan["phases"][0]["steps"] == 4
+    probe, train = plan["phases"]  # a classifier: linear probe (12 epochs), then fine-tuning
+    assert (probe["name"], probe["steps"], train["name"], train["steps"]) == (
+        "probe", 48, "train", 4)
+    assert probe["sample_rate"] == train["sample_rate"] == pytest.approx(16 / 64)
     assert plan["epsilon"] <= 4.0
     assert out["budget"]["allowed"] is False  # ε 4 does not fit a cap of 3
     assert out["estimate"]["seconds"] >= 0

@@ -66,7 +66,8 @@ def test_adafest_plan_and_ledger_epsilon_equal_dp_sgd_at_sigma():
     def spec(embedding):
         return JobSpec.model_validate({
             "method": "dp_finetune", "dataset_id": "ds_a", "privacy": {"epsilon": 3.0},
-            "training": {"batch_size": 64, "epochs": 2}, "embedding": embedding,
+            "training": {"batch_size": 64, "epochs": 2, "probe_epochs": 0},
+            "embedding": embedding,
         })  # fmt: skip
 
     n = 2_000

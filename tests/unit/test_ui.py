@@ -101,7 +101,8 @@ def test_pages_escape_names_and_hide_other_tenants(client, other_tenant_key):
     page = client.get(f"/ui/jobs/{job['id']}")
     assert page.status_code == 200 and "&lt;img src=x" in page.text
     assert 'id="plot-loss"' in page.text and 'id="plot-epsilon"' in page.text
-    assert page.text.count('class="ledger-row"') == 2  # charged (0 steps) + reserved
+    # per phase (linear probe, fine-tuning): charged (0 steps) + reserved
+    assert page.text.count('class="ledger-row"') == 4
     assert '<meta http-equiv="refresh"' in page.text  # queued: the page refreshes itself
     listing = client.get("/ui/jobs", params={"status": "queued"})
     assert job["id"] in listing.text
