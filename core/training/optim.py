@@ -29,7 +29,8 @@ from core.models import split_trainable
 from core.privacy.engine import EngineConfig
 from core.specs import BodyTraining, JobSpec
 
-HEAD_LR = 2e-2  # dp_finetune's default body: core.specs.FINETUNE_CLASSIFIER_BODY
+HEAD_LR = 2e-2
+# dp_finetune's default body is core.specs.FINETUNE_CLASSIFIER_BODY (the planner needs it too)
 COMPRESSION_CLASSIFIER_BODY: BodyTraining = False  # dpkd, dpimp_structured, dpimp_unstructured
 
 

@@ -190,7 +190,7 @@ class PerPhaseHooks:
         self.events.append((kind, data))
 
 
-def _probe_ctx(tmp_path, **training):
+def _probe_plan(**training):
     from core.privacy.planner import plan_job
 
     spec = JobSpec.model_validate({
@@ -206,7 +206,7 @@ def _probe_ctx(tmp_path, **training):
 def test_linear_probe_phase_trains_the_head_alone_then_fine_tuning_runs(tmp_path):
     from safetensors.torch import load_file
 
-    spec, plan = _probe_ctx(tmp_path, probe_epochs=2)
+    spec, plan = _probe_plan(probe_epochs=2)
     assert [(p.name, p.steps) for p in plan.phases] == [("probe", 8), ("train", 4)]
     hooks = PerPhaseHooks(plan, tmp_path / "ckpt", cancel_before=("train", 1))
     ctx = JobContext(job_id="job_test", spec=spec, plan=plan, train=view(text_rows(32, seed=1)),
@@ -232,7 +232,7 @@ def test_linear_probe_phase_trains_the_head_alone_then_fine_tuning_runs(tmp_path
     assert m["steps"] == 4 and m["noise_multiplier"] == plan.phase("train").noise_multiplier
 
 
-def test_no_probe_phase_when_turned_off_or_the_body_is_frozen(tmp_path):
+def test_no_probe_phase_when_turned_off_or_the_body_is_frozen():
     for training in ({"probe_epochs": 0}, {"train_body": False}):
-        _, plan = _probe_ctx(tmp_path, **training)
+        _, plan = _probe_plan(**training)
         assert [p.name for p in plan.phases] == ["train"]
