@@ -14,7 +14,7 @@ and steps as the single phase of the others). Reported per ε and method:
 
     HF_HUB_OFFLINE=1 .venv/bin/python -m bench.compression [--rows 8192] [--epochs 12]
         [--repeats 3] [--epsilons 8 3] [--methods dp_finetune dpkd ...] [--threads 1]
-        [--train-body | --bitfit | --head-only]
+        [--train-body | --bitfit | --head-only] [--calibration wikitext|random|none]
 
 Training options are the methods' defaults (core.training.optim): dp_finetune trains the
 head and the body's biases and norms (BitFit, body lr 1e-3), the compression recipes only
@@ -27,8 +27,12 @@ whole body (~40 samples/s on one thread); a head-only phase runs the frozen body
 row (~120 rows/s, :mod:`core.training.frozen_body`) and its steps then cost almost nothing,
 so ``--head-only`` at 8,192 rows × 12 epochs takes ~7 minutes per ε and repeat.
 
-Writes ``bench/results/compression.json``. Reads SST-2 in place from
-``../shared/data/sst2/`` (or ``$DPC_SHARED_DATA/sst2/``); never copies it.
+dpimp_unstructured refits its pruned layers on public text (core.compress.reconstruction):
+by default the first 256 WikiText-2 validation lines, passed as the job's public
+``calibration_dataset_id``.
+
+Writes ``bench/results/compression.json``. Reads SST-2 and WikiText-2 in place from
+``../shared/data/`` (or ``$DPC_SHARED_DATA``); never copies them.
 """
 
 from __future__ import annotations
@@ -59,6 +63,15 @@ REPORTED = (
 
 def sst2_dir() -> Path:
     return Path(os.environ.get("DPC_SHARED_DATA", ROOT.parent / "shared" / "data")) / "sst2"
+
+
+def public_calibration() -> list[dict]:
+    """dpimp_unstructured's public calibration text: WikiText-2 validation lines."""
+    from bench.distildp import read_wikitext
+    from core.compress.reconstruction import CALIBRATION_SEQUENCES
+
+    return read_wikitext(sst2_dir().parent / "wikitext-2" / "wiki.valid.tokens",
+                         CALIBRATION_SEQUENCES)  # fmt: skip
 
 
 def read_sst2(path: Path, rows: int | None = None) -> list[dict]:
@@ -108,7 +121,9 @@ def run_method(method: str, epsilon: float, args, train, dev, seed: int = 0) -> 
         "model": {"base": "bundled:minilm-l6"},
         "privacy": {"epsilon": epsilon, "delta": args.delta},
         "compression": {"target_sparsity": 0.5, "student_layers": 3, "prune_rounds": args.rounds,
-                        "prune_schedule": "cubic"},
+                        "prune_schedule": "cubic", "reconstruct": args.calibration != "none"},
+        **({"calibration_dataset_id": "ds_wikitext"}
+           if method == "dpimp_unstructured" and args.calibration == "wikitext" else {}),
         "training": {"epochs": args.epochs, "batch_size": args.batch,
                      "physical_batch_size": args.physical, "max_seq_length": args.seq,
                      "head_learning_rate": args.head_lr, "seed": seed,
@@ -124,6 +139,8 @@ def run_method(method: str, epsilon: float, args, train, dev, seed: int = 0) -> 
             job_id=f"job_bench_{method}", spec=spec, plan=plan,
             train=DatasetView("ds_sst2", "classification", ["0", "1"], train),
             eval=DatasetView("ds_sst2dev", "classification", ["0", "1"], dev),
+            calibration=(DatasetView("ds_wikitext", "causal_lm", [], public_calibration())
+                         if spec.calibration_dataset_id else None),
             output_dir=Path(tmp) / "out", work_dir=Path(tmp) / "work", hooks=hooks,
         )  # fmt: skip
         start = time.perf_counter()
@@ -183,6 +200,9 @@ def main() -> None:
     parser.add_argument("--head-only", action="store_true", help="train only the head")
     parser.add_argument("--bitfit", action="store_true",
                         help="train the head + the body's biases and norms in every method")
+    parser.add_argument("--calibration", choices=["wikitext", "random", "none"],
+                        default="wikitext", help="dpimp_unstructured's public refit text: "
+                        "WikiText-2 lines, random token ids, or no refit")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
 

@@ -60,6 +60,7 @@ class JobContext:
     hooks: RecipeHooks
     device: str = "cpu"
     resolve_job_model: Any = None  # callable(job_id) -> Path of an earlier job's model
+    calibration: DatasetView | None = None  # PUBLIC text named by calibration_dataset_id
 
 
 @dataclass

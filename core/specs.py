@@ -91,6 +91,11 @@ class CompressionSpec(_Strict):
     layer_selection: Literal["top", "magnitude"] = Field(
         "top", description="dpimp_structured: which layers go — the top ones (default; "
         "measured best on MiniLM/SST-2) or those with the smallest mean |w|")
+    reconstruct: bool = Field(
+        True, description="dpimp_unstructured: after each pruning event, refit every pruned "
+        "linear layer's kept weights and bias by least squares so it reproduces the unpruned "
+        "layer on PUBLIC calibration text (calibration_dataset_id, else random token ids); "
+        "post-processing, no ε (core.compress.reconstruction)")
 
 
 class TrainingSpec(_Strict):
@@ -206,6 +211,10 @@ class JobSpec(_Strict):
     method: Method
     dataset_id: str = Field(..., pattern=r"^ds_[A-Za-z0-9]+$")
     eval_dataset_id: str | None = Field(None, pattern=r"^ds_[A-Za-z0-9]+$")
+    calibration_dataset_id: str | None = Field(
+        None, pattern=r"^ds_[A-Za-z0-9]+$", description="dpimp_unstructured: a dataset of "
+        "PUBLIC text whose rows calibrate compression.reconstruct; they are read without DP "
+        "and never charged, so name only text that is already public. Unset: random token ids")
     model: ModelSpec = Field(default_factory=ModelSpec)
     privacy: PrivacySpec
     compression: CompressionSpec = Field(default_factory=CompressionSpec)
@@ -219,6 +228,13 @@ class JobSpec(_Strict):
         if self.eval_dataset_id is not None and self.eval_dataset_id == self.dataset_id:
             raise ValueError("eval_dataset_id must differ from dataset_id (evaluation on the "
                              "private training rows would leak)")
+        if self.calibration_dataset_id is not None:
+            if self.calibration_dataset_id == self.dataset_id:
+                raise ValueError("calibration_dataset_id must differ from dataset_id (it is "
+                                 "read without DP: it must be public text)")
+            if self.method != "dpimp_unstructured" or not self.compression.reconstruct:
+                raise ValueError("calibration_dataset_id is read only by dpimp_unstructured "
+                                 "with compression.reconstruct=true; leave it unset")
         if self.embedding.clip_share not in (None, 1) and self.training.grad_sample_mode != "ghost":
             raise ValueError("embedding.clip_share (group-wise clipping) needs "
                              "training.grad_sample_mode='ghost'")

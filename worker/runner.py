@@ -33,9 +33,9 @@ from worker.package import MODEL_ARCHIVE, write_archive, write_ledger_sidecar, w
 log = logging.getLogger("dpc.worker")
 
 
-def _dataset_view(ds: Dataset) -> DatasetView:
+def _dataset_view(ds: Dataset, param: str = "dataset_id") -> DatasetView:
     if ds.storage_key is None:
-        raise DomainError(f"dataset {ds.id} was deleted", param="dataset_id")
+        raise DomainError(f"dataset {ds.id} was deleted", param=param)
     return DatasetView(id=ds.id, task=ds.task, labels=list(ds.labels),
                        rows=dataset_store().load(ds.storage_key))
 
@@ -75,6 +75,8 @@ def run_job(job_id: str, *, worker_id: str, settings: Settings | None = None) ->
                            "worker": worker_id, "resuming": any(charged.values())})
         train_ds = s.get(Dataset, job.dataset_id)
         eval_ds = s.get(Dataset, job.eval_dataset_id) if job.eval_dataset_id else None
+        calibration_ds = (s.get(Dataset, spec.calibration_dataset_id)
+                          if spec.calibration_dataset_id else None)  # fmt: skip
 
     work_dir = settings.jobs_dir / job_id
     hooks = RunnerHooks(job_id=job_id, worker_id=worker_id, plan=plan, charged_at_start=charged,
@@ -87,7 +89,9 @@ def run_job(job_id: str, *, worker_id: str, settings: Settings | None = None) ->
         shutil.rmtree(output_dir, ignore_errors=True)
         output_dir.mkdir(parents=True)
         ctx = JobContext(job_id=job_id, spec=spec, plan=plan, train=_dataset_view(train_ds),
-                         eval=_dataset_view(eval_ds) if eval_ds else None,
+                         eval=_dataset_view(eval_ds, "eval_dataset_id") if eval_ds else None,
+                         calibration=(_dataset_view(calibration_ds, "calibration_dataset_id")
+                                      if calibration_ds else None),
                          output_dir=output_dir, work_dir=work_dir, hooks=hooks,
                          device=_device(settings), resolve_job_model=_job_model_dir)
         result = load_recipe(spec.method)(ctx)

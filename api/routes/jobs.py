@@ -62,6 +62,11 @@ def _validate_against_data(session, *, tenant_id: str, spec: JobSpec):
         if ev.task != ds.task or ev.storage_key is None:
             raise InvalidRequest("eval dataset must exist and have the same task",
                                  param="eval_dataset_id")
+    if spec.calibration_dataset_id:
+        cal = get_dataset(session, tenant_id=tenant_id, dataset_id=spec.calibration_dataset_id,
+                          param="calibration_dataset_id")
+        if cal.storage_key is None:
+            raise InvalidRequest(f"dataset {cal.id} was deleted", param="calibration_dataset_id")
     base_dataset = check_model_base(session, tenant_id=tenant_id, base=spec.model.base)
     causal = _root_base(session, tenant_id=tenant_id, base=spec.model.base) in CAUSAL_BASES
     if ds.task == "causal_lm" and not causal:

@@ -11,7 +11,9 @@
        or one event at step 0 when those weights do not train (a frozen body, BitFit)
     5. one DP-SGD phase "train" (exactly the planned steps); after EVERY update:
          w ← w ⊙ m  and Adam's moments ← moments ⊙ m   (DP noise re-densifies w otherwise)
-       and at each event t_k: m ← global magnitude mask of the current weights at s_k
+       and at each event t_k: m ← global magnitude mask of the current weights at s_k,
+       then (``compression.reconstruct``) each pruned linear layer's kept weights and bias
+       are refit by least squares to its unpruned outputs on PUBLIC calibration text
     6. post-processing: if a crash cost the last events, prune to s_f now
     7. evaluate on the user's eval dataset, if named (non-private evaluation)
     8. save a bitmask-sparse folder (smaller on disk; loads back into a dense HF model)
@@ -19,7 +21,9 @@
 
 Privacy: only step 5 reads private rows, through the engine, which reports every logical
 step to ``ctx.hooks`` before it touches data. Masks are computed from the DP-trained
-weights alone (:mod:`core.compress.pruning` never sees a batch): post-processing.
+weights alone (:mod:`core.compress.pruning` never sees a batch): post-processing. The refit
+(:mod:`core.compress.reconstruction`) reads those weights and public calibration inputs
+only: the dataset named by ``calibration_dataset_id`` or random token ids.
 Masks are not stored: the checkpoint's weights are zero exactly where the mask in force
 prunes, so a resumed run recomputes the same mask from them.
 
@@ -42,6 +46,7 @@ from core.compress.pruning import (
     sparsity_in_force,
     zero_optimizer_state,
 )
+from core.compress.reconstruction import calibration_inputs, reconstruct_pruned_linears
 from core.compress.report import (
     compression_report,
     eval_metrics,
@@ -87,22 +92,45 @@ class MaskingHooks:
     resume step is recomputed from the restored (already masked) weights.
     """
 
-    def __init__(self, hooks: RecipeHooks, *, model, optimizer, events: dict[int, float]):
+    def __init__(self, hooks: RecipeHooks, *, model, optimizer, events: dict[int, float],
+                 calibration: dict[str, torch.Tensor] | None = None):
+        """``calibration``: a PUBLIC batch for the least-squares refit; None: no refit."""
         self.hooks, self.optimizer, self.events = hooks, optimizer, events
+        self.model, self.calibration = model, calibration
         self.weights = prunable_weights(model)  # name → Parameter, updated in place
         self.masks: dict[str, torch.Tensor] = {}
         self.sparsity = 0.0
         self.history: list[dict] = []
 
     def prune_to(self, sparsity: float, *, step: int) -> None:
-        """New global masks at ``sparsity`` from the current weights (and nothing else)."""
+        """New global masks at ``sparsity`` from the current weights (and nothing else);
+        when they prune weights that were not zero yet, refit the pruned layers on the
+        public calibration batch. (A resumed run's restored weights are already pruned
+        and refit: the recomputed mask prunes nothing new, so nothing is refit twice.)"""
         current = {name: w.detach() for name, w in self.weights.items()}
         self.masks = global_magnitude_masks(current, sparsity)
+        newly_pruned = any(bool((current[n][~m] != 0).any()) for n, m in self.masks.items())
+        targets = self._layers_before() if newly_pruned and self.calibration is not None else None
         self.sparsity = sparsity
         self.reapply()
-        self.history.append({"step": step, "sparsity": round(sparsity, 6)})
-        self.hooks.event("prune.unstructured", {"phase": PHASE, "step": step,
-                                                "sparsity": sparsity})  # fmt: skip
+        record = {"step": step, "sparsity": round(sparsity, 6)}
+        if targets is not None:
+            refit = reconstruct_pruned_linears(self.model, self.masks, targets,
+                                               cast(dict, self.calibration))  # fmt: skip
+            self.reapply()  # the refit moved kept weights: optimizer state stays masked
+            record["reconstruction"] = {k: round(v, 6) for k, v in refit.items()}
+        self.history.append(record)
+        self.hooks.event("prune.unstructured", {"phase": PHASE, **record})
+
+    def _layers_before(self) -> dict[str, tuple[torch.Tensor, torch.Tensor | None]]:
+        """Each prunable layer's (weight, bias) before the new mask: the refit's target."""
+        modules = dict(self.model.named_modules())
+        out = {}
+        for name, weight in self.weights.items():
+            bias = modules[name.removesuffix(".weight")].bias
+            out[name] = (weight.detach().clone(),
+                         bias.detach().clone() if bias is not None else None)  # fmt: skip
+        return out
 
     def reapply(self) -> None:
         apply_masks(self.weights, self.masks)
@@ -170,7 +198,15 @@ def run(ctx: JobContext) -> RecipeResult:
     events = pruning_events(phase.steps, target=comp.target_sparsity,
                             schedule=comp.prune_schedule, rounds=comp.prune_rounds,
                             weights_train=weights_train)  # fmt: skip
-    masking = MaskingHooks(hooks, model=model, optimizer=opt.optimizer, events=events)
+    calibration = None
+    if comp.reconstruct:  # public text only: the named public dataset, else random ids
+        public = [row["text"] for row in ctx.calibration.rows] if ctx.calibration else None
+        calibration = calibration_inputs(
+            tokenizer, public, max_seq_length=training.max_seq_length,
+            uses_token_type_ids=uses_token_type_ids, seed=training.seed,
+        )  # fmt: skip
+    masking = MaskingHooks(hooks, model=model, optimizer=opt.optimizer, events=events,
+                           calibration=calibration)  # fmt: skip
 
     # 5. DP-SGD with masks re-applied after every update
     engine = DPSGDEngine(
@@ -215,6 +251,12 @@ def run(ctx: JobContext) -> RecipeResult:
         "prune_schedule": comp.prune_schedule if weights_train else "one_shot",
         "prune_events": masking.history,
         "pruned_tensors": sorted(masking.weights),
+        "reconstruction": {  # the public-data refit after each pruning event (or None)
+            "calibration": (f"dataset {ctx.calibration.id} (public text)" if ctx.calibration
+                            else "random token ids"),
+            "sequences": int(calibration["input_ids"].shape[0]),
+            "tokens": int(calibration["attention_mask"].sum()),
+        } if calibration is not None else None,
         "weights_file": SPARSE_FILE,
         **report,
         **eval_metrics(evaluation),

@@ -1,5 +1,6 @@
 """The embedded default, started the way `make run` starts it (`dpcompress serve`):
-SQLite, the bundled redis-server, one worker; a dp_finetune job end to end."""
+SQLite, the bundled redis-server, one worker; a dp_finetune job end to end, then a
+dpimp_unstructured job that reads a public calibration dataset."""
 
 from __future__ import annotations
 
@@ -60,6 +61,19 @@ def test_embedded_default_end_to_end(tmp_path):
             assert [p["name"] for p in phases] == ["probe", "train"]
             assert charged_steps(ledger) == {p["name"]: p["steps"] for p in phases}
             assert_loads_and_predicts(download_model(c, job["id"], tmp_path / "dl"))
+
+            # dpimp_unstructured refits its pruned layers on a dataset named as public text:
+            # the worker reads it, the ledger never charges it
+            public = upload_reviews(c, n=24)
+            spec = {**tiny_spec(ds["id"], epochs=1), "method": "dpimp_unstructured",
+                    "calibration_dataset_id": public["id"]}
+            done = wait_for(c, submit(c, spec)["id"], {"succeeded", "failed"}, timeout=300)
+            assert done["status"] == "succeeded", done
+            refit = done["metrics"]["reconstruction"]
+            assert refit["calibration"] == f"dataset {public['id']} (public text)"
+            assert refit["sequences"] == 24
+            budget = c.get(f"/v1/datasets/{public['id']}").json()["budget"]
+            assert budget["epsilon_spent"] == 0 and budget["epsilon_reserved"] == 0
         assert (tmp_path / "var" / "dpc.sqlite3").exists()
     finally:
         os.killpg(proc.pid, signal.SIGINT)

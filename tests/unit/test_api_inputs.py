@@ -146,6 +146,12 @@ def test_bad_specs_report_every_problem_at_once(client):
     (lambda s: s.update(method="distildp"), 422, "method"),
     (lambda s: s["training"].update(probe_epochs=2, train_body=False), 422,
      "training.probe_epochs"),  # a head-only job has no separate head probe
+    (lambda s: s.update(method="dpimp_unstructured", calibration_dataset_id=s["dataset_id"]),
+     422, "calibration_dataset_id"),  # read without DP: never the private rows
+    (lambda s: s.update(calibration_dataset_id="ds_public"), 422,
+     "calibration_dataset_id"),  # dp_finetune reads no calibration text
+    (lambda s: s.update(method="dpimp_unstructured", calibration_dataset_id="ds_doesnotexist"),
+     404, "calibration_dataset_id"),
 ])
 def test_bad_job_fields(client, mutate, status, param):
     ds = upload(client).json()

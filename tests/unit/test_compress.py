@@ -332,6 +332,10 @@ def test_unstructured_resume_with_lost_steps_still_reaches_the_target(tmp_path):
     assert hooks.begins[-1] == ("train", 2, 3) and hooks.steps("train") == [1, 2, 3]
     events = result.metrics["prune_events"]  # the mask in force at step 2 is re-derived,
     assert [e["sparsity"] for e in events][-1] == 0.5  # and the event at 4 done afterwards
+    # the restored weights were pruned and refit already: the re-derived mask prunes nothing
+    # new and is not refit again; the later event is
+    assert [e["step"] for e in events] == [2, 3] and "reconstruction" not in events[0]
+    assert "reconstruction" in events[1]
     weights = prunable_weights(load_sparse_model(ctx.output_dir))
     zeros = sum(int((w == 0).sum()) for w in weights.values())
     assert zeros == round(0.5 * sum(w.numel() for w in weights.values()))
@@ -346,12 +350,14 @@ def test_a_frozen_body_is_pruned_once_before_the_first_step(tmp_path):
     assert pruning_events(
         60, target=0.5, schedule="cubic", rounds=5, weights_train=True
     ) == prune_events(60, target=0.5, schedule="cubic", rounds=5)
-    spec = _spec("dpimp_unstructured", train_body=False, target_sparsity=0.5, prune_rounds=2)
+    spec = _spec("dpimp_unstructured", train_body=False, target_sparsity=0.5, prune_rounds=2,
+                 reconstruct=False)
     ctx, hooks = _ctx(tmp_path, spec, {"train": 4}, sigma=1.0)
     result = load_recipe("dpimp_unstructured")(ctx)
 
     m = result.metrics
     assert m["prune_events"] == [{"step": 0, "sparsity": 0.5}] and m["prune_schedule"] == "one_shot"
+    assert m["reconstruction"] is None
     assert hooks.steps("train") == [1, 2, 3, 4] and hooks.charged["train"] == 4
     pretrained = prunable_weights(_tiny_bert().model)
     masks = global_magnitude_masks({n: w.detach() for n, w in pretrained.items()}, 0.5)
