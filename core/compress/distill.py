@@ -16,6 +16,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 import torch
 from torch import nn
 from torch.nn import functional as F
@@ -87,7 +90,8 @@ def kd_loss_per_example(
 
 
 def make_kd_loss(
-    teacher: nn.Module, *, alpha: float, temperature: float, cache_teacher_logits: bool = False
+    teacher: nn.Module, *, alpha: float, temperature: float, cache_teacher_logits: bool = False,
+    teacher_forward: Callable[..., Any] | None = None,
 ):
     """The DP engine's ``loss_fn(student, batch) -> [B]`` for distillation from ``teacher``.
 
@@ -98,15 +102,20 @@ def make_kd_loss(
         cache_teacher_logits: keep each row's teacher logits in memory after their first
             computation (they never change); for classifiers ([C] per row), not for LMs
             ([T, V] per row).
+        teacher_forward: what computes the teacher's ``.logits`` from the inputs instead of
+            ``teacher`` itself (a :class:`~core.training.frozen_body.FrozenBodyView` of it
+            whose features are already cached).
     """
     teacher.eval()
     for p in teacher.parameters():
         p.requires_grad_(False)
     cache = RowCache() if cache_teacher_logits else None
 
+    forward = teacher_forward or teacher
+
     def teacher_logits_of(inputs: dict[str, torch.Tensor]) -> torch.Tensor:
         with torch.no_grad():
-            return teacher(**inputs).logits
+            return forward(**inputs).logits
 
     def loss_fn(student: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         inputs = model_inputs(batch)

@@ -115,9 +115,9 @@ class MaskingHooks:
         self.reapply()
         record = {"step": step, "sparsity": round(sparsity, 6)}
         if targets is not None:
+            # only kept weights move: pruned ones and their optimizer state stay zero
             refit = reconstruct_pruned_linears(self.model, self.masks, targets,
                                                cast(dict, self.calibration))  # fmt: skip
-            self.reapply()  # the refit moved kept weights: optimizer state stays masked
             record["reconstruction"] = {k: round(v, 6) for k, v in refit.items()}
         self.history.append(record)
         self.hooks.event("prune.unstructured", {"phase": PHASE, **record})

@@ -57,7 +57,7 @@ from core.models import (
 from core.models.loading import LoadedModel, Task
 from core.privacy.engine import DPSGDEngine, PhaseResult
 from core.recipe_api import JobContext, RecipeResult
-from core.training.frozen_body import frozen_body_loss
+from core.training.frozen_body import FrozenBodyView, frozen_body_loss, frozen_body_view
 from core.training.losses import causal_lm_loss_per_example, classification_loss_per_example
 from core.training.optim import COMPRESSION_CLASSIFIER_BODY as CLASSIFIER_BODY
 from core.training.optim import body_training, dp_optimizer, engine_config
@@ -103,6 +103,9 @@ def run(ctx: JobContext) -> RecipeResult:
     )  # fmt: skip
     teacher_dir = Path(ctx.work_dir) / TEACHER
     teacher_metrics: dict | None = None  # None: no teacher phase in this job
+    # the teacher body's features, once per row: in its phase when its body is frozen there,
+    # and for its logits in the student phase (make_kd_loss freezes it)
+    teacher_view = frozen_body_view(teacher)
     if TEACHER not in phases:
         teacher_source = f"{spec.model.base} (already DP-trained on this dataset; not charged)"
     elif (teacher_dir / TEACHER_DONE).exists():
@@ -113,7 +116,7 @@ def run(ctx: JobContext) -> RecipeResult:
         result = _dp_sgd(
             ctx, teacher, train_rows, TEACHER,
             classification_loss_per_example if task == "classification"
-            else causal_lm_loss_per_example,
+            else causal_lm_loss_per_example, view=teacher_view,
         )  # fmt: skip
         teacher_metrics = phase_run_metrics(result)
         _save_teacher(teacher, teacher_dir, teacher_metrics)
@@ -139,7 +142,8 @@ def run(ctx: JobContext) -> RecipeResult:
 
     # 3. DP-SGD on the private rows with the distillation loss
     kd_loss = make_kd_loss(teacher, alpha=spec.distill.alpha, temperature=spec.distill.temperature,
-                           cache_teacher_logits=task == "classification")  # fmt: skip
+                           cache_teacher_logits=task == "classification",
+                           teacher_forward=teacher_view)  # fmt: skip
     student_result = _dp_sgd(ctx, student, train_rows, STUDENT, kd_loss)
     student.eval()
 
@@ -198,10 +202,11 @@ def _load_base(ctx: JobContext, task: Task) -> LoadedModel:
 
 
 def _dp_sgd(
-    ctx: JobContext, model, rows, phase_name: str, loss_fn
+    ctx: JobContext, model, rows, phase_name: str, loss_fn, view: FrozenBodyView | None = None
 ) -> PhaseResult:
     """Exactly the planned steps of DP phase ``phase_name`` on ``model`` (per-group lr); a
-    frozen body's features are computed once per row (:mod:`core.training.frozen_body`)."""
+    frozen body's features are computed once per row (:mod:`core.training.frozen_body`),
+    in ``view`` when given."""
     optimizer = dp_optimizer(
         model, ctx.spec, task=ctx.train.task, classifier_body=CLASSIFIER_BODY
     ).optimizer
@@ -209,7 +214,7 @@ def _dp_sgd(
         model=model,
         optimizer=optimizer,
         phase=ctx.plan.phase(phase_name), dataset=rows,
-        loss_fn=frozen_body_loss(model, loss_fn), hooks=ctx.hooks,
+        loss_fn=frozen_body_loss(model, loss_fn, view), hooks=ctx.hooks,
         config=engine_config(ctx.spec),
         device=ctx.device,
     )  # fmt: skip

@@ -73,9 +73,11 @@ def body_is_frozen(model: nn.Module) -> bool:
     )
 
 
-class _CachedBodyClassifier:
+class FrozenBodyView:
     """Stands in for the model inside a loss function: the frozen body's pooled features
-    from a :class:`RowCache`, the (training) head run as usual."""
+    from a :class:`RowCache`, the (training) head run as usual. One view may serve several
+    losses of the same frozen body (dpkd: the teacher's phase, then its logits for the
+    student), so each row's features are computed once."""
 
     def __init__(self, model: BertMeanPoolForSequenceClassification):
         self.model, self.features = model, RowCache()
@@ -94,15 +96,27 @@ class _CachedBodyClassifier:
         return SimpleNamespace(logits=self.model.classify(pooled))  # [B, num_labels]
 
 
-def frozen_body_loss(model: nn.Module, loss_fn: LossFn) -> LossFn:
+def frozen_body_view(model: nn.Module) -> FrozenBodyView | None:
+    """A :class:`FrozenBodyView` of a mean-pooled classifier (None for other models), to be
+    used only while its body does not change."""
+    if isinstance(model, BertMeanPoolForSequenceClassification):
+        return FrozenBodyView(model)
+    return None
+
+
+def frozen_body_loss(model: nn.Module, loss_fn: LossFn, view: FrozenBodyView | None = None
+                     ) -> LossFn:
     """``loss_fn`` reading a frozen body's features from a cache, or ``loss_fn`` itself.
 
     Applies when :func:`body_is_frozen` holds for ``model`` now; the returned function must
-    be called with that same ``model`` (the engine's).
+    be called with that same ``model`` (the engine's). ``view``: a :class:`FrozenBodyView`
+    of ``model`` to share (default: a new one).
     """
     if not body_is_frozen(model):
         return loss_fn
-    cached = _CachedBodyClassifier(model)  # type: ignore[arg-type]
+    if view is not None and view.model is not model:
+        raise ValueError("the FrozenBodyView is of another model")
+    cached = view or FrozenBodyView(model)  # type: ignore[arg-type]
 
     def loss_with_cached_body(engine_model: nn.Module, batch: dict[str, torch.Tensor]):
         if engine_model is not model:

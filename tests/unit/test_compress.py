@@ -555,6 +555,34 @@ def test_dpkd_charges_both_phases_exactly_and_saves_a_loadable_student(tmp_path)
     assert student.config.num_hidden_layers == 1
 
 
+def test_dpkd_runs_the_frozen_teacher_body_once_per_row_across_both_phases(
+    tmp_path, monkeypatch
+):
+    """Head-only teacher phase: its cached features also give the student phase's teacher
+    logits, so no private row goes through the teacher's encoder twice."""
+    from transformers.models.bert.modeling_bert import BertModel
+
+    seen: list[tuple[int, tuple[int, ...]]] = []  # (encoder layers, row tokens)
+    forward = BertModel.forward
+
+    def recording_forward(self, input_ids=None, attention_mask=None, **kwargs):
+        for ids, mask in zip(input_ids, attention_mask, strict=True):
+            seen.append((len(self.encoder.layer), tuple(ids[mask.bool()].tolist())))
+        return forward(self, input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+
+    monkeypatch.setattr(BertModel, "forward", recording_forward)
+    spec = _spec("dpkd", student_layers=1, train_body=None)
+    ctx, hooks = _ctx(tmp_path, spec, {"teacher": 4, "student": 4})
+    load_recipe("dpkd")(ctx)
+
+    tokenizer = _tiny_bert().tokenizer
+    private = {tuple(tokenizer(r["text"], truncation=True, max_length=16)["input_ids"])
+               for r in ctx.train.rows}  # fmt: skip
+    teacher_rows = [row for layers, row in seen if layers == 2 and row in private]
+    assert hooks.steps("student") == [1, 2, 3, 4] and teacher_rows
+    assert len(teacher_rows) == len(set(teacher_rows))
+
+
 def test_dpkd_similar_block_needs_a_causal_lm_and_reads_only_teacher_samples(tmp_path):
     spec = _spec("dpkd", student_layers=1, student_layer_selection="similar_block")
     ctx, hooks = _ctx(tmp_path / "cls", spec, {"teacher": 2, "student": 2})
