@@ -205,10 +205,12 @@ class DpcClient:
         control_field: str | None = None,
         delta: float | None = None,
         format: str | None = None,
+        public: bool = False,
         progress: Progress | None = None,
     ) -> dict:
         """Stream a CSV, TSV or JSONL file as multipart; ``progress(sent, total)`` is
-        called as the file is read. Returns the dataset (rows, labels, budget)."""
+        called as the file is read. ``public``: declare the rows public text (usable as a
+        job's ``calibration_dataset_id``). Returns the dataset (rows, labels, budget)."""
         path = Path(path)
         fields = text_fields if isinstance(text_fields, str) else ",".join(text_fields)
         form = {
@@ -220,6 +222,7 @@ class DpcClient:
             "control_field": control_field,
             "delta": None if delta is None else repr(float(delta)),
             "format": format,
+            "public": "true" if public else None,
         }
         data = {k: v for k, v in form.items() if v is not None}
         with path.open("rb") as f:

@@ -39,6 +39,7 @@ class DatasetPublic(BaseModel):
     labels: list[str]
     controls: list[str]
     budget: BudgetPublic
+    public: bool  # declared public text at upload (may be read without DP as calibration)
     deleted: bool
     created_at: datetime
 
@@ -152,7 +153,8 @@ def aware(dt: datetime | None) -> datetime | None:
 def dataset_public(ds: Dataset, budget: Budget) -> DatasetPublic:
     return DatasetPublic(id=ds.id, name=ds.name, task=ds.task, num_records=ds.num_records,
                          columns=ds.columns, labels=ds.labels, controls=ds.controls,
-                         budget=BudgetPublic(**budget.to_dict()), deleted=ds.deleted_at is not None,
+                         budget=BudgetPublic(**budget.to_dict()), public=ds.public,
+                         deleted=ds.deleted_at is not None,
                          created_at=aware(ds.created_at))
 
 

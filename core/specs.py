@@ -214,7 +214,8 @@ class JobSpec(_Strict):
     calibration_dataset_id: str | None = Field(
         None, pattern=r"^ds_[A-Za-z0-9]+$", description="dpimp_unstructured: a dataset of "
         "PUBLIC text whose rows calibrate compression.reconstruct; they are read without DP "
-        "and never charged, so name only text that is already public. Unset: random token ids")
+        "and never charged, so it must have been uploaded with public=true (the uploader's "
+        "declaration). Unset: random token ids")
     model: ModelSpec = Field(default_factory=ModelSpec)
     privacy: PrivacySpec
     compression: CompressionSpec = Field(default_factory=CompressionSpec)

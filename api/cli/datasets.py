@@ -56,6 +56,7 @@ def _dataset_table(ds: dict) -> Table:
             ("text fields", ", ".join(cols.get("text_fields") or [])),
             ("label field", cols.get("label_field") or "—"),
             ("labels", Text(", ".join(ds.get("labels") or []) or "—")),
+            ("public text", "yes" if ds.get("public") else "no"),
             *_budget_rows(ds["budget"]),
             ("rows deleted", "yes" if ds.get("deleted") else "no"),
             ("created", ds["created_at"]),
@@ -76,6 +77,8 @@ def datasets_upload(
     control_field: str | None = typer.Option(None, help="control-code column (causal_lm)"),
     epsilon_cap: float = typer.Option(..., help="total ε all jobs on this dataset may spend"),
     delta: float | None = typer.Option(None, help="δ (default 1/(10·N); must be < 1/N)"),
+    public: bool = typer.Option(False, help="declare the rows PUBLIC text (usable as a job's "
+                                "calibration_dataset_id, which is read without DP)"),
     as_json: bool = AS_JSON,
 ) -> None:
     """Upload private rows with a total ε cap; every row is validated."""
@@ -90,6 +93,7 @@ def datasets_upload(
             control_field=control_field,
             epsilon_cap=epsilon_cap,
             delta=delta,
+            public=public,
             progress=lambda done, total: bar.update(task_id, completed=done),
         )
     if as_json:

@@ -68,9 +68,13 @@ async def upload_dataset(
     control_field: Annotated[str | None, Form()] = None,
     delta: Annotated[float | None, Form(gt=0, lt=1)] = None,
     format: Annotated[Literal["csv", "tsv", "jsonl"] | None, Form()] = None,
+    public: Annotated[bool, Form(description=(
+        "the uploader declares these rows PUBLIC text: only such a dataset may serve as a "
+        "job's calibration_dataset_id, which is read without DP"))] = False,
 ) -> DatasetPublic:
-    """Upload private rows with a total ε cap. Every row is validated first; an
-    invalid file stores nothing. Row count and label set are returned (schema)."""
+    """Upload private rows with a total ε cap (or, with ``public=true``, public text).
+    Every row is validated first; an invalid file stores nothing. Row count and label set
+    are returned (schema)."""
     fields = _split_fields(text_fields)
     if not fields:
         raise InvalidRequest("name at least one text column", param="text_fields")
@@ -93,7 +97,8 @@ async def upload_dataset(
             num_records=n, labels=parsed.labels, controls=parsed.controls,
             columns={"text_fields": fields, "label_field": label_field,
                      "control_field": control_field, "format": fmt},
-            epsilon_cap=epsilon_cap, delta=delta if delta is not None else 1.0 / (10 * n))
+            epsilon_cap=epsilon_cap, delta=delta if delta is not None else 1.0 / (10 * n),
+            public=public)
         ds.storage_key = key
         session.commit()
     except BaseException:

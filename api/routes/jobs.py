@@ -67,6 +67,10 @@ def _validate_against_data(session, *, tenant_id: str, spec: JobSpec):
                           param="calibration_dataset_id")
         if cal.storage_key is None:
             raise InvalidRequest(f"dataset {cal.id} was deleted", param="calibration_dataset_id")
+        if not cal.public:  # it is read without DP: only text its uploader declared public
+            raise InvalidRequest(
+                f"dataset {cal.id} was not uploaded as public text (public=true); a "
+                "calibration dataset is read without DP", param="calibration_dataset_id")
     base_dataset = check_model_base(session, tenant_id=tenant_id, base=spec.model.base)
     causal = _root_base(session, tenant_id=tenant_id, base=spec.model.base) in CAUSAL_BASES
     if ds.task == "causal_lm" and not causal:

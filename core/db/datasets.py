@@ -12,10 +12,10 @@ from core.errors import NotFound
 
 def insert_dataset(session: Session, *, tenant_id: str, name: str, task: str, num_records: int,
                    columns: dict, labels: list[str], controls: list[str], epsilon_cap: float,
-                   delta: float, dataset_id: str | None = None) -> Dataset:
+                   delta: float, dataset_id: str | None = None, public: bool = False) -> Dataset:
     ds = Dataset(id=dataset_id or new_id("ds"), tenant_id=tenant_id, name=name, task=task,
                  num_records=num_records, columns=columns, labels=labels, controls=controls,
-                 epsilon_cap=epsilon_cap, delta=delta, storage_key=None)
+                 epsilon_cap=epsilon_cap, delta=delta, storage_key=None, public=public)
     session.add(ds)
     session.flush()
     return ds

@@ -16,6 +16,7 @@ from sqlalchemy import (
     String,
     Text,
     UniqueConstraint,
+    false,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
@@ -63,6 +64,9 @@ class Dataset(Base):
     epsilon_cap: Mapped[float] = mapped_column(Float)
     delta: Mapped[float] = mapped_column(Float)
     storage_key: Mapped[str | None] = mapped_column(String(300))  # None once rows are deleted
+    # declared public text by the uploader: only such a dataset may be read WITHOUT DP as a
+    # job's calibration_dataset_id (its own ε cap and ledger still guard any DP training)
+    public: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     deleted_at: Mapped[datetime | None] = mapped_column(default=None)
 

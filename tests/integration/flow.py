@@ -12,11 +12,13 @@ import httpx
 from tests.conftest import small_classification_rows, tsv_bytes
 
 
-def upload_reviews(client: httpx.Client, *, cap: float = 20.0, n: int = 64) -> dict:
+def upload_reviews(client: httpx.Client, *, cap: float = 20.0, n: int = 64,
+                   public: bool = False) -> dict:
     r = client.post("/v1/datasets", files={"file": ("reviews.tsv",
                                                     tsv_bytes(small_classification_rows(n)))},
                     data={"name": "reviews", "task": "classification", "text_fields": "sentence",
-                          "label_field": "label", "epsilon_cap": str(cap)})
+                          "label_field": "label", "epsilon_cap": str(cap),
+                          "public": str(public).lower()})
     assert r.status_code == 201, r.text
     return r.json()
 

@@ -64,7 +64,7 @@ def test_embedded_default_end_to_end(tmp_path):
 
             # dpimp_unstructured refits its pruned layers on a dataset named as public text:
             # the worker reads it, the ledger never charges it
-            public = upload_reviews(c, n=24)
+            public = upload_reviews(c, n=24, public=True)
             spec = {**tiny_spec(ds["id"], epochs=1), "method": "dpimp_unstructured",
                     "calibration_dataset_id": public["id"]}
             done = wait_for(c, submit(c, spec)["id"], {"succeeded", "failed"}, timeout=300)

@@ -163,6 +163,25 @@ def test_bad_job_fields(client, mutate, status, param):
     assert client.get(f"/v1/datasets/{ds['id']}").json()["budget"]["epsilon_reserved"] == 0
 
 
+def test_calibration_text_must_be_uploaded_as_public(client):
+    """A calibration dataset is read without DP: a dataset not declared public at upload
+    (the default) is refused, naming the field; one uploaded with public=true is accepted."""
+    ds = upload(client).json()
+    private = upload(client, name="more private rows").json()
+    public = upload(client, name="public text", public="true").json()
+    assert (private["public"], public["public"]) == (False, True)
+    assert client.get(f"/v1/datasets/{public['id']}").json()["public"] is True
+    before = _counts(client)
+    spec = {**_spec(ds["id"]), "method": "dpimp_unstructured",
+            "calibration_dataset_id": private["id"]}
+    body = _assert_error(client.post("/v1/jobs", json=spec), 422, param="calibration_dataset_id")
+    assert "public" in body["message"]
+    assert _counts(client) == before
+    spec["calibration_dataset_id"] = public["id"]
+    r = client.post("/v1/jobs", params={"dry_run": "true"}, json=spec)
+    assert r.status_code == 200, r.text
+
+
 def test_malformed_json_body(client):
     r = client.post("/v1/jobs", content=b"{not json", headers={"Content-Type": "application/json"})
     _assert_error(r, 422)

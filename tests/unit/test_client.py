@@ -97,6 +97,7 @@ def test_upload_streams_the_file_and_reports_progress(tmp_path):
         body = request.read()
         assert int(request.headers["content-length"]) == len(body)
         assert data in body and b'name="epsilon_cap"' in body and b"sentence,title" in body
+        assert b'name="public"\r\n\r\ntrue' in body
         return httpx.Response(201, json={"id": "ds_1"})
 
     with _client(handler) as dpc:
@@ -107,6 +108,7 @@ def test_upload_streams_the_file_and_reports_progress(tmp_path):
             text_fields=["sentence", "title"],
             label_field="label",
             epsilon_cap=8,
+            public=True,
             progress=lambda d, t: calls.append((d, t)),
         )
     assert ds == {"id": "ds_1"}
