@@ -11,7 +11,10 @@ output row i, with K_i its kept inputs (the mask is not changed),
 where x are the layer's inputs inside the pruned model whose earlier layers are already
 refit (their errors are corrected, not compounded), solved from H = Σ [x;1][x;1]ᵀ with
 λ = 1 % of H's mean diagonal (the layer-wise reconstruction of SparseGPT, Frantar &
-Alistarh 2023, with a fixed magnitude mask). Pruned positions stay exactly zero.
+Alistarh 2023, with a fixed magnitude mask): each row's (H + λI)[K_i, K_i] is symmetric
+positive definite, solved by Cholesky. Pruned positions stay exactly zero. Consecutive
+layers called on the very same input tensor (BERT's query, key and value) share one
+calibration pass and one H: refitting one of them changes none of the others' inputs.
 
 Measured (MiniLM-L6, 50 % global magnitude pruning, frozen body; the DP head replayed on
 the pooled features of 8,192 SST-2 rows at ε = 3's σ, 6 seeds): dense 80.2 % dev accuracy,
@@ -103,13 +106,18 @@ def reconstruct_pruned_linears(
     was_training = model.training
     model.eval()
     energy = pruned = refit = 0.0
+    done = 0
     try:
-        for name in order:
-            layer: nn.Linear = modules[name]  # type: ignore[assignment]
-            inputs = _inputs_of(model, layer, calibration)  # [tokens, d_in]
-            weight, bias = targets[f"{name}.weight"]
-            e, p, r = _refit(layer, masks[f"{name}.weight"], inputs, weight, bias, damping)
-            energy, pruned, refit = energy + e, pruned + p, refit + r
+        while done < len(order):
+            names = order[done:]
+            x, shared = _shared_input(model, [modules[name] for name in names], calibration)
+            h = _gram(x)
+            for name in names[:shared]:
+                weight, bias = targets[f"{name}.weight"]
+                layer: nn.Linear = modules[name]  # type: ignore[assignment]
+                e, p, r = _refit(layer, masks[f"{name}.weight"], h, weight, bias, damping)
+                energy, pruned, refit = energy + e, pruned + p, refit + r
+            done += shared
     finally:
         model.train(was_training)
     return {"layers": len(order), "relative_error_pruned": pruned / max(energy, 1e-30),
@@ -117,52 +125,68 @@ def reconstruct_pruned_linears(
 
 
 class _Captured(Exception):
-    """Stops the calibration forward pass once the layer's input is captured."""
+    """Stops the calibration forward pass once a group's input is captured."""
 
 
-def _inputs_of(model: nn.Module, layer: nn.Module, batch: Mapping[str, torch.Tensor]):
-    """The inputs ``layer`` receives on the calibration batch, real tokens only: [n, d_in]."""
-    captured: list[torch.Tensor] = []
+def _shared_input(model: nn.Module, layers: Sequence[nn.Module],
+                  batch: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, int]:  # fmt: skip
+    """The input ``layers[0]`` receives on the calibration batch, real tokens only
+    ([n, d_in]), and how many of ``layers``, from the first, are called in a row on that
+    very tensor, unmodified (the pass stops at the next of ``layers`` called)."""
+    device = next(model.parameters()).device
+    tokens = batch["attention_mask"].to(device).bool()
+    first: list[torch.Tensor] = []  # the shared input tensor, then its real tokens
+    version = shared = 0
 
-    def capture(_module, args):
-        captured.append(args[0].detach())
+    def capture(module, args):
+        nonlocal version, shared
+        x = args[0]
+        if not first:  # layers hooked here but called before layers[0] run as usual
+            if module is layers[0]:
+                first.extend([x, x[tokens]])
+                version, shared = x._version, 1
+            return
+        same = x is first[0] and x._version == version  # and not modified in place
+        if same and shared < len(layers) and module is layers[shared]:
+            shared += 1
+            return
         raise _Captured
 
-    handle = layer.register_forward_pre_hook(capture)
-    device = next(model.parameters()).device
+    handles = [layer.register_forward_pre_hook(capture) for layer in layers]
     try:
         with torch.no_grad():
             model(**{k: v.to(device) for k, v in batch.items()})
     except _Captured:
         pass
     finally:
-        handle.remove()
-    if not captured:
+        for handle in handles:
+            handle.remove()
+    if not first:
         raise RuntimeError("the calibration pass did not reach a pruned layer")
-    tokens = batch["attention_mask"].to(device).bool()
-    return captured[0][tokens]
+    return first[1], shared
 
 
-def _refit(layer: nn.Linear, keep: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
+def _gram(x: torch.Tensor) -> torch.Tensor:
+    """H = Σ [x;1][x;1]ᵀ over the rows of ``x`` in float64: [d_in + 1, d_in + 1]."""
+    x = torch.cat([x.double(), torch.ones(len(x), 1, dtype=torch.float64, device=x.device)], 1)
+    return x.T @ x
+
+
+def _refit(layer: nn.Linear, keep: torch.Tensor, h: torch.Tensor, weight: torch.Tensor,
            bias: torch.Tensor | None, damping: float) -> tuple[float, float, float]:
-    """Row-wise ridge least squares of ``layer`` onto the target (``weight``, ``bias``);
-    returns (output energy, error of the masked target, error after the refit)."""
-    x = x.double()
+    """Row-wise ridge least squares of ``layer`` onto the target (``weight``, ``bias``) from
+    its inputs' :func:`_gram` ``h``; returns (output energy, error of the masked target,
+    error after the refit)."""
     target = weight.detach().double()
     if layer.bias is not None:
-        x = torch.cat([x, torch.ones(len(x), 1, dtype=x.dtype, device=x.device)], 1)
         b = bias if bias is not None else torch.zeros_like(layer.bias)
         target = torch.cat([target, b.detach().double()[:, None]], 1)
         keep = torch.cat([keep, torch.ones_like(keep[:, :1])], 1)
-    h = x.T @ x  # [d, d]
+    else:
+        h = h[:-1, :-1]  # no constant input
     rhs = target @ h  # row i: H · target_i (H symmetric)
     lam = damping * h.diagonal().mean()
-    solved = torch.zeros_like(target)
-    for i in range(target.shape[0]):
-        kept = keep[i].nonzero().squeeze(1)
-        if len(kept):
-            a = h[kept][:, kept] + lam * torch.eye(len(kept), dtype=h.dtype, device=h.device)
-            solved[i, kept] = torch.linalg.solve(a, rhs[i, kept])
+    solved = _solve_kept(h + lam * torch.eye(len(h), dtype=h.dtype, device=h.device), rhs, keep)
 
     def error(v: torch.Tensor) -> float:  # Σ_x ‖(v − target) x‖²
         diff = v - target
@@ -175,3 +199,16 @@ def _refit(layer: nn.Linear, keep: torch.Tensor, x: torch.Tensor, weight: torch.
         if layer.bias is not None:
             layer.bias.copy_(solved[:, -1].to(layer.bias.dtype))
     return energy, *errors
+
+
+def _solve_kept(a: torch.Tensor, rhs: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """Row i: the solution of a[K, K] v = rhs[i, K] on its kept coordinates K (``a``
+    symmetric positive definite), exactly 0 elsewhere. One Cholesky per row of its kept
+    block: on CPU, a batched Cholesky of padded (or full-width) systems measured slower."""
+    solved = torch.zeros_like(rhs)
+    for i in range(len(rhs)):
+        kept = keep[i].nonzero().squeeze(1)
+        if len(kept):
+            chol = torch.linalg.cholesky(a[kept][:, kept])
+            solved[i, kept] = torch.cholesky_solve(rhs[i, kept, None], chol)[:, 0]
+    return solved

@@ -12,7 +12,11 @@ from torch import nn
 
 import core.compress.dpimp_unstructured as unstructured
 from core.compress.pruning import apply_masks, global_magnitude_masks, prunable_weights
-from core.compress.reconstruction import calibration_inputs, reconstruct_pruned_linears
+from core.compress.reconstruction import (
+    DAMPING,
+    calibration_inputs,
+    reconstruct_pruned_linears,
+)
 from core.compress.sparse_format import load_sparse_model
 from core.data import EncodedDataset
 from tests.unit.test_compress import _ctx, _spec, _tiny_bert
@@ -87,6 +91,68 @@ def test_refit_keeps_the_mask_and_brings_the_pruned_encoder_closer_to_the_dense_
                          .pow(2).sum())  # fmt: skip
 
     assert feature_error(refit) < feature_error(pruned)
+
+
+def _layer_input(model, layer, calibration) -> torch.Tensor:
+    """``layer``'s input on real tokens, from a full calibration pass: [n, d_in + 1] with a
+    column of ones, float64."""
+    seen = []
+    handle = layer.register_forward_pre_hook(lambda _m, args: seen.append(args[0]))
+    with torch.no_grad():
+        model(**calibration)
+    handle.remove()
+    x = seen[0][calibration["attention_mask"].bool()].double()
+    return torch.cat([x, torch.ones(len(x), 1, dtype=torch.float64)], 1)
+
+
+def _reference_refit(model, masks, targets, calibration, damping=DAMPING):
+    """The refit done plainly: one calibration pass per layer, in forward order, and each
+    row's ridge least squares on its kept inputs by lstsq on the stacked design."""
+    for name, layer in list(model.named_modules()):
+        if f"{name}.weight" not in masks:
+            continue
+        x = _layer_input(model, layer, calibration)
+        weight, bias = targets[f"{name}.weight"]
+        y = x @ torch.cat([weight, bias[:, None]], 1).double().T  # the unpruned outputs
+        keep = torch.cat([masks[f"{name}.weight"], torch.ones(len(y.T), 1, dtype=torch.bool)], 1)
+        lam = damping * float(x.pow(2).sum(0).mean())  # λ: a share of H's mean diagonal
+        solved = torch.zeros(keep.shape, dtype=torch.float64)
+        for i, row in enumerate(keep):
+            kept = row.nonzero().squeeze(1)
+            design = torch.cat([x[:, kept], lam**0.5 * torch.eye(len(kept), dtype=torch.float64)])
+            rhs = torch.cat([y[:, i], torch.zeros(len(kept), dtype=torch.float64)])
+            solved[i, kept] = torch.linalg.lstsq(design, rhs[:, None]).solution[:, 0]
+        with torch.no_grad():
+            layer.weight.copy_(solved[:, :-1])
+            layer.bias.copy_(solved[:, -1])
+
+
+def test_grouped_passes_and_cholesky_refit_match_the_plain_per_layer_refit():
+    loaded = _tiny_bert()
+    model = loaded.model.eval()
+    calib = calibration_inputs(loaded.tokenizer, None, max_seq_length=16,
+                               uses_token_type_ids=True, sequences=32)  # fmt: skip
+    modules = dict(model.named_modules())
+    targets = {name: (w.detach().clone(),
+                      modules[name.removesuffix(".weight")].bias.detach().clone())
+               for name, w in prunable_weights(model).items()}  # fmt: skip
+    masks = global_magnitude_masks({n: t[0] for n, t in targets.items()}, 0.5)
+    apply_masks(prunable_weights(model), masks)
+    expected = copy.deepcopy(model)
+    _reference_refit(expected, masks, targets, calib)
+    passes = []
+    model.register_forward_pre_hook(lambda *_: passes.append(1))
+    stats = reconstruct_pruned_linears(model, masks, targets, calib)
+
+    # each block's query, key and value read the same hidden states: one pass for the three
+    blocks = [name for name in masks if name.endswith(".attention.self.query.weight")]
+    assert blocks and len(passes) == stats["layers"] - 2 * len(blocks)
+    reference = dict(expected.named_parameters())
+    for name, got in model.named_parameters():
+        want = reference[name]
+        assert float((got - want).norm()) <= 1e-6 * float(want.norm()), name
+        if name in masks:
+            assert (got[~masks[name]] == 0).all()
 
 
 def test_random_token_calibration_has_no_special_tokens_inside():
