@@ -98,6 +98,9 @@ def test_pages_escape_names_and_hide_other_tenants(client, other_tenant_key):
     assert datasets.status_code == 200
     assert "<img src=x" not in datasets.text and "&lt;img src=x" in datasets.text
     assert 'class="spent"' in datasets.text and 'class="reserved"' in datasets.text
+    assert "public text</span>" not in datasets.text  # uploads are private unless declared
+    upload(client, name="wikitext", public="true")
+    assert client.get("/ui/datasets").text.count("public text</span>") == 1
     page = client.get(f"/ui/jobs/{job['id']}")
     assert page.status_code == 200 and "&lt;img src=x" in page.text
     assert 'id="plot-loss"' in page.text and 'id="plot-epsilon"' in page.text
