@@ -48,6 +48,8 @@ import time
 import traceback
 from pathlib import Path
 
+from bench.distildp import read_wikitext, shared_data
+
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results" / "compression.json"
 METHODS = ("dp_finetune", "dpkd", "dpimp_structured", "dpimp_unstructured")
@@ -62,15 +64,14 @@ REPORTED = (
 
 
 def sst2_dir() -> Path:
-    return Path(os.environ.get("DPC_SHARED_DATA", ROOT.parent / "shared" / "data")) / "sst2"
+    return shared_data() / "sst2"
 
 
 def public_calibration() -> list[dict]:
     """dpimp_unstructured's public calibration text: WikiText-2 validation lines."""
-    from bench.distildp import read_wikitext
     from core.compress.reconstruction import CALIBRATION_SEQUENCES
 
-    return read_wikitext(sst2_dir().parent / "wikitext-2" / "wiki.valid.tokens",
+    return read_wikitext(shared_data() / "wikitext-2" / "wiki.valid.tokens",
                          CALIBRATION_SEQUENCES)  # fmt: skip
 
 

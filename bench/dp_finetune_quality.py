@@ -33,6 +33,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from bench.distildp import shared_data
 from bench.dp_overhead import read_sst2
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -41,8 +42,7 @@ NON_PRIVATE = "non_private"
 
 
 def sst2_dir() -> Path:
-    shared = Path(os.environ.get("DPC_SHARED_DATA", ROOT.parent / "shared" / "data"))
-    return shared / "sst2"
+    return shared_data() / "sst2"
 
 
 class MemoryHooks:

@@ -51,22 +51,27 @@ def _root_base(session, *, tenant_id: str, base: str) -> str:
     return base
 
 
+def _live_dataset(session, *, tenant_id: str, dataset_id: str, param: str):
+    """The tenant's dataset named by ``param``, refused once its rows were deleted."""
+    ds = get_dataset(session, tenant_id=tenant_id, dataset_id=dataset_id, param=param)
+    if ds.storage_key is None:
+        raise InvalidRequest(f"dataset {ds.id} was deleted", param=param)
+    return ds
+
+
 def _validate_against_data(session, *, tenant_id: str, spec: JobSpec):
     """Checks that need the database: datasets exist and fit the method and model."""
-    ds = get_dataset(session, tenant_id=tenant_id, dataset_id=spec.dataset_id)
-    if ds.storage_key is None:
-        raise InvalidRequest(f"dataset {ds.id} was deleted", param="dataset_id")
+    ds = _live_dataset(session, tenant_id=tenant_id, dataset_id=spec.dataset_id,
+                       param="dataset_id")
     if spec.eval_dataset_id:
-        ev = get_dataset(session, tenant_id=tenant_id, dataset_id=spec.eval_dataset_id,
-                         param="eval_dataset_id")
-        if ev.task != ds.task or ev.storage_key is None:
+        ev = _live_dataset(session, tenant_id=tenant_id, dataset_id=spec.eval_dataset_id,
+                           param="eval_dataset_id")
+        if ev.task != ds.task:
             raise InvalidRequest("eval dataset must exist and have the same task",
                                  param="eval_dataset_id")
     if spec.calibration_dataset_id:
-        cal = get_dataset(session, tenant_id=tenant_id, dataset_id=spec.calibration_dataset_id,
-                          param="calibration_dataset_id")
-        if cal.storage_key is None:
-            raise InvalidRequest(f"dataset {cal.id} was deleted", param="calibration_dataset_id")
+        cal = _live_dataset(session, tenant_id=tenant_id, dataset_id=spec.calibration_dataset_id,
+                            param="calibration_dataset_id")
         if not cal.public:  # it is read without DP: only text its uploader declared public
             raise InvalidRequest(
                 f"dataset {cal.id} was not uploaded as public text (public=true); a "
