@@ -33,9 +33,18 @@ from worker.package import MODEL_ARCHIVE, write_archive, write_ledger_sidecar, w
 log = logging.getLogger("dpc.worker")
 
 
-def _dataset_view(ds: Dataset, param: str = "dataset_id") -> DatasetView:
+def _dataset_view(ds: Dataset | None, *, tenant_id: str, param: str,
+                  read_without_dp: bool = False) -> DatasetView:
+    """The rows of a dataset the job names, re-checked here although the API checked them
+    at submission: it exists for the job's tenant, is not deleted, and, if the recipe
+    reads it without DP (calibration text), was uploaded as public."""
+    if ds is None or ds.tenant_id != tenant_id:
+        raise DomainError(f"{param}: no such dataset for the job's tenant", param=param)
     if ds.storage_key is None:
         raise DomainError(f"dataset {ds.id} was deleted", param=param)
+    if read_without_dp and not ds.public:
+        raise DomainError(f"dataset {ds.id} was not uploaded as public text; a calibration "
+                          "dataset is read without DP", param=param)  # fmt: skip
     return DatasetView(id=ds.id, task=ds.task, labels=list(ds.labels),
                        rows=dataset_store().load(ds.storage_key))
 
@@ -73,6 +82,7 @@ def run_job(job_id: str, *, worker_id: str, settings: Settings | None = None) ->
         append_event(s, job_id=job_id, kind="job.running",
                      data={"status": states.RUNNING, "attempt": job.attempts,
                            "worker": worker_id, "resuming": any(charged.values())})
+        tenant_id = job.tenant_id
         train_ds = s.get(Dataset, job.dataset_id)
         eval_ds = s.get(Dataset, job.eval_dataset_id) if job.eval_dataset_id else None
         calibration_ds = (s.get(Dataset, spec.calibration_dataset_id)
@@ -88,10 +98,14 @@ def run_job(job_id: str, *, worker_id: str, settings: Settings | None = None) ->
         output_dir = work_dir / "output"
         shutil.rmtree(output_dir, ignore_errors=True)
         output_dir.mkdir(parents=True)
-        ctx = JobContext(job_id=job_id, spec=spec, plan=plan, train=_dataset_view(train_ds),
-                         eval=_dataset_view(eval_ds, "eval_dataset_id") if eval_ds else None,
-                         calibration=(_dataset_view(calibration_ds, "calibration_dataset_id")
-                                      if calibration_ds else None),
+        train = _dataset_view(train_ds, tenant_id=tenant_id, param="dataset_id")
+        eval_view = (_dataset_view(eval_ds, tenant_id=tenant_id, param="eval_dataset_id")
+                     if job.eval_dataset_id else None)  # fmt: skip
+        calibration = (_dataset_view(calibration_ds, tenant_id=tenant_id,
+                                     param="calibration_dataset_id", read_without_dp=True)
+                       if spec.calibration_dataset_id else None)  # fmt: skip
+        ctx = JobContext(job_id=job_id, spec=spec, plan=plan, train=train, eval=eval_view,
+                         calibration=calibration,
                          output_dir=output_dir, work_dir=work_dir, hooks=hooks,
                          device=_device(settings), resolve_job_model=_job_model_dir)
         result = load_recipe(spec.method)(ctx)
