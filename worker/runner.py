@@ -17,6 +17,7 @@ from sqlalchemy import select
 
 from core import states
 from core.compress import load_recipe
+from core.db.datasets import readable_dataset
 from core.db.jobs import append_event, claim_job, get_job, set_status
 from core.db.session import session_scope
 from core.db.tables import Artifact, Dataset, Job, new_id
@@ -33,18 +34,7 @@ from worker.package import MODEL_ARCHIVE, write_archive, write_ledger_sidecar, w
 log = logging.getLogger("dpc.worker")
 
 
-def _dataset_view(ds: Dataset | None, *, tenant_id: str, param: str,
-                  read_without_dp: bool = False) -> DatasetView:
-    """The rows of a dataset the job names, re-checked here although the API checked them
-    at submission: it exists for the job's tenant, is not deleted, and, if the recipe
-    reads it without DP (calibration text), was uploaded as public."""
-    if ds is None or ds.tenant_id != tenant_id:
-        raise DomainError(f"{param}: no such dataset for the job's tenant", param=param)
-    if ds.storage_key is None:
-        raise DomainError(f"dataset {ds.id} was deleted", param=param)
-    if read_without_dp and not ds.public:
-        raise DomainError(f"dataset {ds.id} was not uploaded as public text; a calibration "
-                          "dataset is read without DP", param=param)  # fmt: skip
+def _dataset_view(ds: Dataset) -> DatasetView:
     return DatasetView(id=ds.id, task=ds.task, labels=list(ds.labels),
                        rows=dataset_store().load(ds.storage_key))
 
@@ -83,10 +73,8 @@ def run_job(job_id: str, *, worker_id: str, settings: Settings | None = None) ->
                      data={"status": states.RUNNING, "attempt": job.attempts,
                            "worker": worker_id, "resuming": any(charged.values())})
         tenant_id = job.tenant_id
-        train_ds = s.get(Dataset, job.dataset_id)
-        eval_ds = s.get(Dataset, job.eval_dataset_id) if job.eval_dataset_id else None
-        calibration_ds = (s.get(Dataset, spec.calibration_dataset_id)
-                          if spec.calibration_dataset_id else None)  # fmt: skip
+        dataset_ids = {"dataset_id": job.dataset_id, "eval_dataset_id": job.eval_dataset_id,
+                       "calibration_dataset_id": spec.calibration_dataset_id}
 
     work_dir = settings.jobs_dir / job_id
     hooks = RunnerHooks(job_id=job_id, worker_id=worker_id, plan=plan, charged_at_start=charged,
@@ -98,14 +86,15 @@ def run_job(job_id: str, *, worker_id: str, settings: Settings | None = None) ->
         output_dir = work_dir / "output"
         shutil.rmtree(output_dir, ignore_errors=True)
         output_dir.mkdir(parents=True)
-        train = _dataset_view(train_ds, tenant_id=tenant_id, param="dataset_id")
-        eval_view = (_dataset_view(eval_ds, tenant_id=tenant_id, param="eval_dataset_id")
-                     if job.eval_dataset_id else None)  # fmt: skip
-        calibration = (_dataset_view(calibration_ds, tenant_id=tenant_id,
-                                     param="calibration_dataset_id", read_without_dp=True)
-                       if spec.calibration_dataset_id else None)  # fmt: skip
-        ctx = JobContext(job_id=job_id, spec=spec, plan=plan, train=train, eval=eval_view,
-                         calibration=calibration,
+        with session_scope(write=False) as s:  # the API's checks again, before any row is read
+            datasets = {param: readable_dataset(s, tenant_id=tenant_id, dataset_id=ds_id,
+                                                param=param,
+                                                read_without_dp=param == "calibration_dataset_id")
+                        for param, ds_id in dataset_ids.items() if ds_id}  # fmt: skip
+        views = {param: _dataset_view(ds) for param, ds in datasets.items()}
+        ctx = JobContext(job_id=job_id, spec=spec, plan=plan, train=views["dataset_id"],
+                         eval=views.get("eval_dataset_id"),
+                         calibration=views.get("calibration_dataset_id"),
                          output_dir=output_dir, work_dir=work_dir, hooks=hooks,
                          device=_device(settings), resolve_job_model=_job_model_dir)
         result = load_recipe(spec.method)(ctx)

@@ -25,7 +25,7 @@ from api.schemas import (
     job_public,
 )
 from core import states
-from core.db.datasets import get_dataset
+from core.db.datasets import get_dataset, readable_dataset
 from core.db.jobs import append_event, find_by_idempotency_key, get_job, list_events, list_jobs
 from core.db.tables import Artifact, Job, new_id, utcnow
 from core.errors import Conflict, InvalidRequest, InvalidState, NotFound
@@ -51,31 +51,19 @@ def _root_base(session, *, tenant_id: str, base: str) -> str:
     return base
 
 
-def _live_dataset(session, *, tenant_id: str, dataset_id: str, param: str):
-    """The tenant's dataset named by ``param``, refused once its rows were deleted."""
-    ds = get_dataset(session, tenant_id=tenant_id, dataset_id=dataset_id, param=param)
-    if ds.storage_key is None:
-        raise InvalidRequest(f"dataset {ds.id} was deleted", param=param)
-    return ds
-
-
 def _validate_against_data(session, *, tenant_id: str, spec: JobSpec):
     """Checks that need the database: datasets exist and fit the method and model."""
-    ds = _live_dataset(session, tenant_id=tenant_id, dataset_id=spec.dataset_id,
-                       param="dataset_id")
+    ds = readable_dataset(session, tenant_id=tenant_id, dataset_id=spec.dataset_id,
+                          param="dataset_id")
     if spec.eval_dataset_id:
-        ev = _live_dataset(session, tenant_id=tenant_id, dataset_id=spec.eval_dataset_id,
-                           param="eval_dataset_id")
+        ev = readable_dataset(session, tenant_id=tenant_id, dataset_id=spec.eval_dataset_id,
+                              param="eval_dataset_id")
         if ev.task != ds.task:
             raise InvalidRequest("eval dataset must exist and have the same task",
                                  param="eval_dataset_id")
     if spec.calibration_dataset_id:
-        cal = _live_dataset(session, tenant_id=tenant_id, dataset_id=spec.calibration_dataset_id,
-                            param="calibration_dataset_id")
-        if not cal.public:  # it is read without DP: only text its uploader declared public
-            raise InvalidRequest(
-                f"dataset {cal.id} was not uploaded as public text (public=true); a "
-                "calibration dataset is read without DP", param="calibration_dataset_id")
+        readable_dataset(session, tenant_id=tenant_id, dataset_id=spec.calibration_dataset_id,
+                         param="calibration_dataset_id", read_without_dp=True)
     base_dataset = check_model_base(session, tenant_id=tenant_id, base=spec.model.base)
     causal = _root_base(session, tenant_id=tenant_id, base=spec.model.base) in CAUSAL_BASES
     if ds.task == "causal_lm" and not causal:

@@ -7,7 +7,7 @@ from sqlalchemy.orm import Session
 
 from core.db.pagination import page_after
 from core.db.tables import Dataset, new_id, utcnow
-from core.errors import NotFound
+from core.errors import InvalidRequest, NotFound
 
 
 def insert_dataset(session: Session, *, tenant_id: str, name: str, task: str, num_records: int,
@@ -30,6 +30,20 @@ def get_dataset(session: Session, *, tenant_id: str, dataset_id: str,
     ds = session.scalars(stmt).first()
     if ds is None:
         raise NotFound(f"no dataset {dataset_id}", param=param)
+    return ds
+
+
+def readable_dataset(session: Session, *, tenant_id: str, dataset_id: str, param: str,
+                     read_without_dp: bool = False) -> Dataset:
+    """The tenant's dataset that a job may read: not deleted and, if the recipe reads it
+    without DP (calibration text), uploaded as public. Checked at submission (API) and
+    again by the worker before it loads any row."""
+    ds = get_dataset(session, tenant_id=tenant_id, dataset_id=dataset_id, param=param)
+    if ds.storage_key is None:
+        raise InvalidRequest(f"dataset {ds.id} was deleted", param=param)
+    if read_without_dp and not ds.public:
+        raise InvalidRequest(f"dataset {ds.id} was not uploaded as public text (public=true); "
+                             "a calibration dataset is read without DP", param=param)
     return ds
 
 
