@@ -8,7 +8,7 @@
       ℓ_i = (1 − α) · CE(y_i, s_i) + α · T² · KL(softmax(t_i / T) ‖ softmax(s_i / T))
 
   as a [B] vector, so that the DP engine clips each example's gradient (ghost clipping
-  wraps the vector in ``DPTensorFastGradientClipping``, DESIGN section 8);
+  backpropagates the vector twice, DESIGN section 8);
 * :func:`make_kd_loss`: the engine's ``loss_fn`` — the teacher runs in eval mode under
   ``torch.no_grad()`` and is never wrapped by Opacus: only the student is trained, and
   the teacher's outputs on a batch are part of that example's loss, clipped with it.

@@ -43,12 +43,12 @@ from typing import Literal
 import torch
 from opacus.grad_sample.utils import prepare_module
 from opacus.optimizers import get_optimizer_class
-from opacus.utils.fast_gradient_clipping_utils import DPTensorFastGradientClipping
 from torch import nn
 
 from core.data import EncodedDataset, PoissonSampler, split_physical
 from core.errors import InvalidRequest
 from core.privacy.group_clipping import EmbeddingGroupClipping
+from core.privacy.norm_pass import NormPass
 from core.privacy.plan import PhasePlan
 from core.privacy.sparse_embedding import SparseEmbeddingUpdate
 from core.recipe_api import RecipeHooks
@@ -209,6 +209,7 @@ class DPSGDEngine:
         )
         if sparse_embedding is not None:
             sparse_embedding.attach(self.optimizer.original_optimizer)
+        self.norm_pass = NormPass(model) if mode == "ghost" else None
         self.group_clipping = self._group_clipping(model)
         self.base_lrs = [group["lr"] for group in optimizer.param_groups]  # before any resume
 
@@ -263,6 +264,8 @@ class DPSGDEngine:
         finally:  # one run per engine: leave a plain HF model behind
             self.optimizer.zero_grad(set_to_none=True)
             self.grad_hooks.cleanup()
+            if self.norm_pass is not None:
+                self.norm_pass.remove()
             if self.group_clipping is not None:
                 self.group_clipping.remove()
             if self.sparse_embedding is not None:
@@ -308,16 +311,25 @@ class DPSGDEngine:
             loss_sum += float(loss_per_example.detach().sum())
             opt.signal_skip_step(do_skip=i < len(chunks) - 1)
             if self.group_clipping is not None:
-                self.group_clipping.backward(self.grad_hooks, opt, loss_per_example)
-            elif self.config.grad_sample_mode == "ghost":
-                DPTensorFastGradientClipping(
-                    self.grad_hooks, opt, loss_per_example, loss_reduction="mean"
-                ).backward()
+                self.group_clipping.backward(self.grad_hooks, self.norm_pass, loss_per_example)
+            elif self.norm_pass is not None:
+                self._ghost_clipping_backward(loss_per_example)
             else:
                 loss_per_example.mean().backward()
             opt.step()  # clips + accumulates; on the last chunk also noises and updates
             opt.zero_grad(set_to_none=True)  # keeps the accumulated sum while skipping
         return loss_sum / len(indices)
+
+    def _ghost_clipping_backward(self, loss_per_example: torch.Tensor) -> None:
+        """Leaves Σ_i c_i·∇loss_i in ``.grad``, c_i = min(1, C/‖g_i‖) (Opacus' two passes,
+        loss_reduction "mean", with the lighter first pass of :mod:`core.privacy.norm_pass`)."""
+        self.norm_pass.run(loss_per_example)  # 1st pass: per-example norms ‖g_i‖
+        coef = self.grad_hooks.get_clipping_coef().to(loss_per_example.device)
+        self.grad_hooks.disable_hooks()
+        try:  # 2nd pass: the clipped sum
+            (coef * loss_per_example).sum().backward()
+        finally:
+            self.grad_hooks.enable_hooks()
 
     def _group_clipping(self, model: nn.Module) -> EmbeddingGroupClipping | None:
         """The embedding's clipping group when group-wise clipping applies, else None."""

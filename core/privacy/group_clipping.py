@@ -77,20 +77,19 @@ class EmbeddingGroupClipping:
     def remove(self) -> None:
         self._handle.remove()
 
-    def backward(self, grad_hooks, optimizer, loss_per_example: torch.Tensor) -> None:
+    def backward(self, grad_hooks, norm_pass, loss_per_example: torch.Tensor) -> None:
         """Leaves Σ_i [c_E,i·g_E,i, c_R,i·g_R,i] in ``.grad``.
 
-        Mirrors Opacus's ``DPTensorFastGradientClipping.backward`` (loss_reduction "mean"),
-        with the two per-group coefficients in place of the flat one.
+        The engine's ghost-clipping backward (loss_reduction "mean") with the two
+        per-group coefficients in place of the flat one.
 
         Args:
             grad_hooks: Opacus ghost-clipping hooks of the model (``_norm_sample`` per
                 parameter).
-            optimizer: the Opacus fast-gradient-clipping optimizer.
+            norm_pass: the model's :class:`core.privacy.norm_pass.NormPass`.
             loss_per_example: [B].
         """
-        loss_per_example.mean().backward(retain_graph=True)  # 1st pass: per-example norms
-        optimizer.zero_grad()
+        norm_pass.run(loss_per_example)  # 1st pass: per-example norms
         embedding_norms = self.weight._norm_sample
         rest = [p._norm_sample for p in grad_hooks.trainable_parameters if p is not self.weight]
         rest_norms = (
