@@ -29,8 +29,8 @@ class NormPass:
 
     def __init__(self, model: nn.Module):
         self.trainable = [p for p in model.parameters() if p.requires_grad]
-        self._skippable: set[int] = set()  # id(W): every call this forward had a grad input
-        self._needed: set[int] = set()  # id(W): some call this forward had a frozen input
+        self._fed_by_gradient: set[int] = set()  # id(W): a call this forward had a grad input
+        self._fed_without: set[int] = set()  # id(W): a call this forward had a frozen input
         self._handles = [
             module.register_forward_pre_hook(self._on_linear_input)
             for module in model.modules()
@@ -40,16 +40,13 @@ class NormPass:
     def _on_linear_input(self, module: nn.Linear, args: tuple) -> None:
         if not torch.is_grad_enabled():  # no graph, no pass 1
             return
-        key = id(module.weight)
-        if args[0].requires_grad and key not in self._needed:
-            self._skippable.add(key)
-        else:
-            self._skippable.discard(key)
-            self._needed.add(key)
+        fed = self._fed_by_gradient if args[0].requires_grad else self._fed_without
+        fed.add(id(module.weight))
 
     def inputs(self) -> list[torch.Tensor]:
         """The trainable tensors pass 1 differentiates (all but the skippable weights)."""
-        return [p for p in self.trainable if id(p) not in self._skippable]
+        skippable = self._fed_by_gradient - self._fed_without
+        return [p for p in self.trainable if id(p) not in skippable]
 
     def run(self, loss_per_example: torch.Tensor) -> None:
         """Backpropagate mean(loss) for Opacus' per-example norms; ``.grad`` is untouched.
@@ -62,7 +59,7 @@ class NormPass:
                 loss_per_example.mean(), self.inputs(), retain_graph=True, allow_unused=True
             )
         finally:
-            self._skippable, self._needed = set(), set()
+            self._fed_by_gradient, self._fed_without = set(), set()
         missed = sum(getattr(p, "_forward_counter", 0) != 0 for p in self.trainable)
         if missed:
             raise RuntimeError(

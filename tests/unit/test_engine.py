@@ -67,40 +67,38 @@ def _run_one_step(model, dataset, *, q, sigma, C, mode, tmp_path, physical=5, no
     return hooks
 
 
-def _naive_clipped_sum(model, dataset, C: float) -> torch.Tensor:
-    """Σ_i g_i · min(1, C/‖g_i‖): one forward/backward per example, no Opacus."""
-    model.train()
-    total = None
-    for i in range(len(dataset)):
-        model.zero_grad(set_to_none=True)
-        classification_loss_per_example(model, dataset.collate([i])).sum().backward()
-        g = torch.cat([p.grad.reshape(-1) for p in model.parameters()])
-        g = g * min(1.0, C / (float(g.norm()) + 1e-6))
-        total = g if total is None else total + g
-    return total
+def _assert_clipped_sum_matches_naive_loop(model, reference, data, tmp_path,
+                                           mode: str = "ghost") -> None:
+    """One DP step (q = 1, σ = 0, C inside the per-example norm range) moves
+    the trainable parameters by the naive per-example loop's Σ_i clip(g_i)."""
+    params = [p for p in reference.parameters() if p.requires_grad]
+    grads = []
+    for i in range(len(data)):
+        reference.zero_grad(set_to_none=True)
+        classification_loss_per_example(reference, data.collate([i])).sum().backward()
+        grads.append(torch.cat([p.grad.reshape(-1) for p in params]))
+    norms = [float(g.norm()) for g in grads]
+    C = sorted(norms)[len(norms) // 2]
+    expected = sum(g * min(1.0, C / (n + 1e-6)) for g, n in zip(grads, norms, strict=True))
+
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    before = torch.cat([p.detach().reshape(-1).clone() for p in trainable])
+    _run_one_step(model, data, q=1.0, sigma=0.0, C=C, mode=mode, tmp_path=tmp_path)
+    after = torch.cat([p.detach().reshape(-1).clone() for p in trainable])
+    got = (before - after) * len(data)
+    assert min(norms) < C < max(norms)
+    rel = float((got - expected).norm() / expected.norm())
+    assert rel < 1e-4, f"{mode}: relative error {rel:.2e}"
 
 
 @pytest.mark.parametrize("mode", ["ghost", "hooks"])
 def test_clipped_sum_matches_naive_per_example_loop(mode, tmp_path):
+    """The whole model trains; q = 1: every row in the one logical batch, split into 3
+    physical chunks; σ = 0."""
     model, tok = _tiny_bert()
-    data = _dataset(tok, 12)
-    reference_model, _ = _tiny_bert()
-    norms = []
-    for i in range(len(data)):  # pick C inside the norm range so some rows are clipped
-        reference_model.zero_grad(set_to_none=True)
-        classification_loss_per_example(reference_model, data.collate([i])).sum().backward()
-        grads = [p.grad.reshape(-1) for p in reference_model.parameters()]
-        norms.append(float(torch.cat(grads).norm()))
-    C = sorted(norms)[len(norms) // 2]
-    expected = _naive_clipped_sum(reference_model, data, C)
-
-    before = _flat(model)
-    # q = 1: every row in the one logical batch, split into 3 physical chunks; σ = 0.
-    _run_one_step(model, data, q=1.0, sigma=0.0, C=C, mode=mode, tmp_path=tmp_path)
-    got = (before - _flat(model)) * len(data)  # SGD lr 1: Δθ = -Σclip(g_i) / (q·N)
-    assert min(norms) < C < max(norms)
-    rel = float((got - expected).norm() / expected.norm())
-    assert rel < 1e-4, f"{mode}: relative error {rel:.2e}"
+    reference, _ = _tiny_bert()
+    _assert_clipped_sum_matches_naive_loop(model, reference, _dataset(tok, 12), tmp_path,
+                                           mode=mode)  # fmt: skip
 
 
 @pytest.mark.parametrize("mode", ["ghost", "hooks"])
@@ -267,29 +265,6 @@ def test_empty_poisson_batches_still_step_with_noise(mode, tmp_path):
     assert [m for _, m in hooks.after] == [{"batch_size": 0.0}] * 3  # no NaN loss
     assert result.train_loss is None and result.last_step == 3
     assert float((_flat(model) - before).abs().max()) > 0
-
-
-def _assert_clipped_sum_matches_naive_loop(model, reference, data, tmp_path) -> None:
-    """One ghost-clipping step (q = 1, σ = 0, C inside the per-example norm range) moves
-    the trainable parameters by the naive per-example loop's Σ_i clip(g_i)."""
-    params = [p for p in reference.parameters() if p.requires_grad]
-    grads = []
-    for i in range(len(data)):
-        reference.zero_grad(set_to_none=True)
-        classification_loss_per_example(reference, data.collate([i])).sum().backward()
-        grads.append(torch.cat([p.grad.reshape(-1) for p in params]))
-    norms = [float(g.norm()) for g in grads]
-    C = sorted(norms)[len(norms) // 2]
-    expected = sum(g * min(1.0, C / (n + 1e-6)) for g, n in zip(grads, norms, strict=True))
-
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    before = torch.cat([p.detach().reshape(-1).clone() for p in trainable])
-    _run_one_step(model, data, q=1.0, sigma=0.0, C=C, mode="ghost", tmp_path=tmp_path)
-    after = torch.cat([p.detach().reshape(-1).clone() for p in trainable])
-    got = (before - after) * len(data)
-    assert min(norms) < C < max(norms)
-    rel = float((got - expected).norm() / expected.norm())
-    assert rel < 1e-4, f"relative error {rel:.2e}"
 
 
 @pytest.mark.parametrize("train_embeddings", [False, True], ids=["head-only", "head+embedding"])
