@@ -13,7 +13,7 @@ what a user who gives only method/dataset/model/ε gets.
     HF_HUB_OFFLINE=1 .venv/bin/python -m bench.dp_finetune_quality \
         [--rows 4096] [--epsilons 8,3] [--no-baseline] [--train-body true|false|bitfit] \
         [--lr 5e-4] [--head-lr 2e-2] [--batch-size 1024] [--epochs 3] [--probe-epochs 12]
-        [--max-grad-norm 1.0] [--threads 1]
+        [--max-grad-norm 1.0] [--embedding-mode frozen|dense] [--threads 1]
 
 Writes ``bench/results/dp_finetune_quality.json`` (or ``--out``). Reads SST-2 in place
 from ``../shared/data/sst2/{train,dev}.tsv`` (or ``$DPC_SHARED_DATA/sst2/``). DP noise and
@@ -109,6 +109,7 @@ def run_one(label: str, args, train_rows: list[dict], dev_rows: list[dict]) -> d
         model={"base": "bundled:minilm-l6"},
         privacy={"epsilon": epsilon, "max_grad_norm": args.max_grad_norm},
         training=training_overrides(args),
+        embedding={"mode": args.embedding_mode},
     )  # fmt: skip
     plan = plan_job(spec, num_records=len(train_rows), task="classification")
     if label == NON_PRIVATE:  # the same phases and steps without noise or clipping
@@ -166,6 +167,8 @@ def main() -> None:
     parser.add_argument("--lr-schedule", choices=["constant", "linear"], default=None)
     parser.add_argument("--probe-epochs", type=float, default=None,
                         help="epochs of the linear-probe phase (0: none); default: the spec's")
+    parser.add_argument("--embedding-mode", choices=["dense", "frozen"], default=None,
+                        help="the word embedding; default: it follows --train-body")
     parser.add_argument("--max-seq-length", type=int, default=64)
     parser.add_argument("--max-grad-norm", type=float, default=1.0, help="clipping norm C")
     parser.add_argument("--epsilons", default="8,3", help="comma-separated ε values")
