@@ -48,7 +48,7 @@ from torch import nn
 from core.data import EncodedDataset, PoissonSampler, split_physical
 from core.errors import InvalidRequest
 from core.privacy.group_clipping import EmbeddingGroupClipping
-from core.privacy.norm_pass import NormPass
+from core.privacy.norm_pass import NormPass, clipped_sum_backward
 from core.privacy.plan import PhasePlan
 from core.privacy.sparse_embedding import SparseEmbeddingUpdate
 from core.recipe_api import RecipeHooks
@@ -324,12 +324,8 @@ class DPSGDEngine:
         """Leaves Σ_i c_i·∇loss_i in ``.grad``, c_i = min(1, C/‖g_i‖) (Opacus' two passes,
         loss_reduction "mean", with the lighter first pass of :mod:`core.privacy.norm_pass`)."""
         self.norm_pass.run(loss_per_example)  # 1st pass: per-example norms ‖g_i‖
-        coef = self.grad_hooks.get_clipping_coef().to(loss_per_example.device)
-        self.grad_hooks.disable_hooks()
-        try:  # 2nd pass: the clipped sum
-            (coef * loss_per_example).sum().backward()
-        finally:
-            self.grad_hooks.enable_hooks()
+        coef = self.grad_hooks.get_clipping_coef()
+        clipped_sum_backward(self.grad_hooks, coef, loss_per_example)  # 2nd: the clipped sum
 
     def _group_clipping(self, model: nn.Module) -> EmbeddingGroupClipping | None:
         """The embedding's clipping group when group-wise clipping applies, else None."""

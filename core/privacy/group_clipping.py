@@ -29,6 +29,8 @@ import math
 import torch
 from torch import nn
 
+from core.privacy.norm_pass import clipped_sum_backward
+
 
 def group_clip_factors(
     embedding_norms: torch.Tensor, rest_norms: torch.Tensor, *, max_grad_norm: float,
@@ -99,11 +101,8 @@ class EmbeddingGroupClipping:
         c_e, c_r = group_clip_factors(embedding_norms, rest_norms,
                                       max_grad_norm=self.max_grad_norm,
                                       embedding_share=self.share)  # fmt: skip
-        device = loss_per_example.device
-        grad_hooks.disable_hooks()
-        self._scale = (c_e / c_r).to(device)
+        self._scale = (c_e / c_r).to(loss_per_example.device)
         try:  # 2nd pass: Σ c_R,i·∇loss_i, the embedding's part rescaled to c_E,i
-            (c_r.to(device) * loss_per_example).sum().backward()
+            clipped_sum_backward(grad_hooks, c_r, loss_per_example)
         finally:
             self._scale = None
-            grad_hooks.enable_hooks()

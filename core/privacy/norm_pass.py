@@ -15,7 +15,7 @@ the backward must cross that input anyway, to reach whatever trainable tensor ma
 carry one, so the layer's hook still fires. Everything else stays in (biases, norms,
 embeddings, linear layers fed by frozen parts). After the pass every trainable
 parameter's hook must have fired (Opacus' ``_forward_counter`` back to 0), else it raises
-rather than clip with a stale norm.
+rather than clip with a stale norm. :func:`clipped_sum_backward` is pass 2.
 """
 
 from __future__ import annotations
@@ -70,3 +70,18 @@ class NormPass:
     def remove(self) -> None:
         for handle in self._handles:
             handle.remove()
+
+
+def clipped_sum_backward(grad_hooks, coef: torch.Tensor, loss_per_example: torch.Tensor) -> None:
+    """Pass 2 of ghost clipping: add Σ_i coef_i·∇loss_i to ``.grad``, Opacus' hooks off.
+
+    Args:
+        grad_hooks: the model's Opacus ghost-clipping hooks.
+        coef: [B] per-example clipping factors.
+        loss_per_example: [B], whose graph pass 1 retained.
+    """
+    grad_hooks.disable_hooks()
+    try:
+        (coef.to(loss_per_example.device) * loss_per_example).sum().backward()
+    finally:
+        grad_hooks.enable_hooks()
