@@ -176,8 +176,9 @@ class EmbeddingSpec(_Strict):
     mode: Literal["dense", "frozen", "fest", "adafest"] | None = Field(
         None, description="the word embedding: dense (every row trained), frozen, fest (a "
         "fixed top-k of rows by public frequency) or adafest (rows selected per step with "
-        "DP). Set, it applies even when training.train_body=false (a classifier then trains "
-        "its head and the word embedding). Unset: the embedding follows the body")
+        "DP; fest and adafest: dp_finetune only). Set, it applies even when "
+        "training.train_body=false (a classifier then trains its head and the word "
+        "embedding). Unset: the embedding follows the body")
     fest_top_k: int | None = Field(None, ge=1)
     adafest_threshold: float | None = Field(None, ge=0)
     adafest_noise_ratio: float | None = Field(None, gt=0)
@@ -237,6 +238,10 @@ class JobSpec(_Strict):
             if self.method != "dpimp_unstructured" or not self.compression.reconstruct:
                 raise ValueError("calibration_dataset_id is read only by dpimp_unstructured "
                                  "with compression.reconstruct=true; leave it unset")
+        if self.embedding.mode in ("fest", "adafest") and self.method != "dp_finetune":
+            raise ValueError(f"embedding.mode {self.embedding.mode!r} (row-sparse embedding "
+                             f"updates) is available for dp_finetune only, not {self.method}; "
+                             "use 'dense' or 'frozen'")
         if self.embedding.clip_share not in (None, 1) and self.training.grad_sample_mode != "ghost":
             raise ValueError("embedding.clip_share (group-wise clipping) needs "
                              "training.grad_sample_mode='ghost'")

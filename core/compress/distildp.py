@@ -82,12 +82,6 @@ def run(ctx: JobContext) -> RecipeResult:
             "distildp distils a causal LM; upload the dataset with task='causal_lm'",
             param="dataset_id",
         )
-    if spec.embedding.mode in ("fest", "adafest"):
-        raise InvalidRequest(
-            f"embedding.mode={spec.embedding.mode!r} is not available for distildp; use "
-            "'dense' or 'frozen'",
-            param="embedding.mode",
-        )
     alpha, temperature, weights_from = distillation_weights(spec.distill)
     torch.manual_seed(training.seed)  # dropout; DP noise and sampling have their own RNGs
     timings: dict[str, float] = {}

@@ -121,12 +121,6 @@ def run(ctx: JobContext) -> RecipeResult:
     spec, training, comp, hooks = ctx.spec, ctx.spec.training, ctx.spec.compression, ctx.hooks
     task = cast(Task, ctx.train.task)
     phase = ctx.plan.phase(PHASE)
-    if spec.embedding.mode in ("fest", "adafest"):
-        raise InvalidRequest(
-            f"embedding.mode={spec.embedding.mode!r} is not available for dpimp_structured; "
-            "use 'dense' or 'frozen'",
-            param="embedding.mode",
-        )
     torch.manual_seed(training.seed)  # dropout; DP noise and sampling have their own RNGs
 
     # 1. base model + task head; a dense copy is the report's reference

@@ -55,7 +55,6 @@ from core.compress.report import (
 )
 from core.compress.sparse_format import SPARSE_FILE, sparsify_folder
 from core.data import encode_dataset
-from core.errors import InvalidRequest
 from core.models import load_model, save_model
 from core.models.loading import Task
 from core.privacy.engine import DPSGDEngine
@@ -162,12 +161,6 @@ def run(ctx: JobContext) -> RecipeResult:
     spec, training, comp, hooks = ctx.spec, ctx.spec.training, ctx.spec.compression, ctx.hooks
     task = cast(Task, ctx.train.task)
     phase = ctx.plan.phase(PHASE)
-    if spec.embedding.mode in ("fest", "adafest"):
-        raise InvalidRequest(
-            f"embedding.mode={spec.embedding.mode!r} is not available for dpimp_unstructured; "
-            "use 'dense' or 'frozen'",
-            param="embedding.mode",
-        )
     torch.manual_seed(training.seed)  # dropout; DP noise and sampling have their own RNGs
 
     # 1. base model + task head; a dense copy is the report's reference

@@ -72,12 +72,6 @@ def run(ctx: JobContext) -> RecipeResult:
     spec, training, comp, hooks = ctx.spec, ctx.spec.training, ctx.spec.compression, ctx.hooks
     task = cast(Task, ctx.train.task)
     phases = {p.name for p in ctx.plan.phases}
-    if spec.embedding.mode in ("fest", "adafest"):
-        raise InvalidRequest(
-            f"embedding.mode={spec.embedding.mode!r} is not available for dpkd; use 'dense' or "
-            "'frozen'",
-            param="embedding.mode",
-        )
     layer_selection = comp.student_layer_selection or "evenly_spaced"
     if layer_selection == "similar_block" and task != "causal_lm":
         raise InvalidRequest(

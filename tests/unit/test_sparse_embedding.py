@@ -354,6 +354,17 @@ def test_an_explicit_clip_share_with_hooks_mode_is_refused():
     assert problem["param"] == "embedding.clip_share" and "ghost" in problem["message"]
 
 
+@pytest.mark.parametrize("method", ["dpkd", "dpimp_structured", "dpimp_unstructured",
+                                    "distildp"])
+@pytest.mark.parametrize("mode", ["fest", "adafest"])
+def test_sparse_embedding_modes_outside_dp_finetune_are_refused_at_submit(method, mode):
+    with pytest.raises(ValidationError) as e:
+        JobSpec.model_validate({"method": method, "dataset_id": "ds_a",
+                                "privacy": {"epsilon": 8.0}, "embedding": {"mode": mode}})
+    problem = pydantic_problems(e.value)[0]
+    assert problem["param"] == "embedding.mode" and method in problem["message"]
+
+
 @pytest.mark.parametrize("base", ["tiny:bert", "tiny:llama"])
 def test_bitfit_trains_only_biases_and_norms(base):
     from core.models import load_model, split_trainable
