@@ -38,7 +38,6 @@ Writes ``bench/results/compression.json``. Reads SST-2 and WikiText-2 in place f
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import os
 import platform
@@ -48,9 +47,8 @@ import time
 import traceback
 from pathlib import Path
 
-from bench.distildp import read_wikitext, shared_data
+from bench.data import ROOT, offline_environment, read_sst2, read_wikitext, shared_data, sst2_dir
 
-ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results" / "compression.json"
 METHODS = ("dp_finetune", "dpkd", "dpimp_structured", "dpimp_unstructured")
 REPORTED = (
@@ -63,27 +61,12 @@ REPORTED = (
 )  # fmt: skip
 
 
-def sst2_dir() -> Path:
-    return shared_data() / "sst2"
-
-
 def public_calibration() -> list[dict]:
     """dpimp_unstructured's public calibration text: WikiText-2 validation lines."""
     from core.compress.reconstruction import CALIBRATION_SEQUENCES
 
     return read_wikitext(shared_data() / "wikitext-2" / "wiki.valid.tokens",
                          CALIBRATION_SEQUENCES)  # fmt: skip
-
-
-def read_sst2(path: Path, rows: int | None = None) -> list[dict]:
-    """Rows ``{"text", "label", "control"}`` of an SST-2 TSV (header ``sentence\\tlabel``)."""
-    out = []
-    with open(path, newline="", encoding="utf-8") as f:
-        for rec in csv.DictReader(f, delimiter="\t", quoting=csv.QUOTE_NONE):
-            out.append({"text": rec["sentence"].strip(), "label": rec["label"], "control": None})
-            if rows is not None and len(out) == rows:
-                break
-    return out
 
 
 class BenchHooks:
@@ -207,10 +190,10 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
 
+    offline_environment()
     import torch
 
     torch.set_num_threads(args.threads)
-    os.environ.setdefault("DPC_DATA_DIR", str(Path(tempfile.gettempdir()) / "dpc-bench-data"))
     train = read_sst2(sst2_dir() / "train.tsv", args.rows)
     dev = read_sst2(sst2_dir() / "dev.tsv", args.eval_rows)
     results: dict = {}

@@ -34,9 +34,7 @@ Poisson sampling use OS entropy like production: one seed per run.
 from __future__ import annotations
 
 import argparse
-import csv
 import json
-import os
 import platform
 import sys
 import tempfile
@@ -44,46 +42,16 @@ import time
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[1]
+from bench.data import ROOT, read_sst2, read_wikitext, shared_data
+
 RESULTS = ROOT / "bench" / "results" / "distildp.json"
-CONTROL_NAMES = {"0": "negative", "1": "positive"}
-
-
-def shared_data() -> Path:
-    return Path(os.environ.get("DPC_SHARED_DATA", ROOT.parent / "shared" / "data"))
-
-
-def read_sst2(path: Path, rows: int) -> list[dict]:
-    """SST-2 sentences with the label as control code."""
-    out = []
-    with open(path, newline="", encoding="utf-8") as f:
-        for rec in csv.DictReader(f, delimiter="\t", quoting=csv.QUOTE_NONE):
-            code = CONTROL_NAMES.get(rec["label"], rec["label"])
-            out.append({"text": rec["sentence"].strip(), "label": None, "control": code})
-            if len(out) == rows:
-                break
-    return out
-
-
-def read_wikitext(path: Path, rows: int) -> list[dict]:
-    """Non-empty WikiText-2 lines that are not ``= Heading =`` lines, without codes."""
-    out = []
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            text = line.strip()
-            if not text or text.startswith("="):
-                continue
-            out.append({"text": text, "label": None, "control": None})
-            if len(out) == rows:
-                break
-    return out
 
 
 def datasets(name: str, rows: int, eval_rows: int) -> tuple[list[dict], list[dict]]:
     data = shared_data()
     if name == "sst2":
-        return (read_sst2(data / "sst2" / "train.tsv", rows),
-                read_sst2(data / "sst2" / "dev.tsv", eval_rows))  # fmt: skip
+        return (read_sst2(data / "sst2" / "train.tsv", rows, label_as_control=True),
+                read_sst2(data / "sst2" / "dev.tsv", eval_rows, label_as_control=True))  # fmt: skip
     if name == "wikitext":
         return (read_wikitext(data / "wikitext-2" / "wiki.valid.tokens", rows),
                 read_wikitext(data / "wikitext-2" / "wiki.test.tokens", eval_rows))  # fmt: skip

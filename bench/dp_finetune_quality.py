@@ -33,16 +33,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench.distildp import shared_data
-from bench.dp_overhead import read_sst2
+from bench.data import ROOT, offline_environment, read_sst2, sst2_dir, sst2_missing
 
-ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results" / "dp_finetune_quality.json"
 NON_PRIVATE = "non_private"
-
-
-def sst2_dir() -> Path:
-    return shared_data() / "sst2"
 
 
 class MemoryHooks:
@@ -177,12 +171,9 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
-    if not (sst2_dir() / "train.tsv").exists():
-        print(f"skipped: {sst2_dir() / 'train.tsv'} not found (shared data folder absent)")
+    if sst2_missing():
         return
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    os.environ.setdefault("DPC_DATA_DIR", str(Path(tempfile.gettempdir()) / "dpc-bench-data"))
+    offline_environment()
     import torch
 
     torch.set_num_threads(args.threads)

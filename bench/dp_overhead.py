@@ -16,7 +16,6 @@ Writes ``bench/results/dp_overhead.json``. Reads SST-2 in place from
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import os
 import platform
@@ -27,25 +26,10 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from bench.data import ROOT, read_sst2, sst2_dir, sst2_missing
+
 RESULTS = ROOT / "bench" / "results" / "dp_overhead.json"
 MODES = ("non_private", "dp_ghost", "dp_hooks")
-
-
-def sst2_path() -> Path:
-    shared = Path(os.environ.get("DPC_SHARED_DATA", ROOT.parent / "shared" / "data"))
-    return shared / "sst2" / "train.tsv"
-
-
-def read_sst2(path: Path, rows: int) -> list[dict]:
-    with open(path, newline="", encoding="utf-8") as f:
-        reader = csv.DictReader(f, delimiter="\t", quoting=csv.QUOTE_NONE)
-        out = []
-        for rec in reader:
-            out.append({"text": rec["sentence"].strip(), "label": rec["label"], "control": None})
-            if len(out) == rows:
-                break
-    return out
 
 
 class TimingHooks:
@@ -84,7 +68,7 @@ def run_mode(mode: str, args) -> dict:
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    rows = read_sst2(sst2_path(), args.rows)
+    rows = read_sst2(sst2_dir() / "train.tsv", args.rows)
     loaded = load_model("bundled:minilm-l6", task="classification", labels=["0", "1"],
                         cache_dir=Path(tempfile.gettempdir()) / "dpc-bench-cache")  # fmt: skip
     model = loaded.model
@@ -157,8 +141,7 @@ def main() -> None:
     if args.mode:  # child process: one mode, JSON on the last stdout line
         print(json.dumps(run_mode(args.mode, args)))
         return
-    if not sst2_path().exists():
-        print(f"skipped: {sst2_path()} not found (shared data folder absent)")
+    if sst2_missing():
         return
     runs: dict[str, list[dict]] = {m: [] for m in MODES}
     for round_ in range(args.repeats):  # interleaved rounds: shared-CPU noise hits every mode

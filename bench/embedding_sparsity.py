@@ -38,10 +38,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench.dp_finetune_quality import MemoryHooks, sst2_dir
-from bench.dp_overhead import read_sst2
+from bench.data import ROOT, offline_environment, read_sst2, sst2_dir, sst2_missing
+from bench.dp_finetune_quality import MemoryHooks
 
-ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results" / "embedding_sparsity.json"
 
 
@@ -149,12 +148,9 @@ def main() -> None:
     args = parser.parse_args()
     if args.lr is None and args.train_body == "false":
         args.lr = 1e-4
-    if not (sst2_dir() / "train.tsv").exists():
-        print(f"skipped: {sst2_dir() / 'train.tsv'} not found (shared data folder absent)")
+    if sst2_missing():
         return
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    os.environ.setdefault("DPC_DATA_DIR", str(Path(tempfile.gettempdir()) / "dpc-bench-data"))
+    offline_environment()
     import torch
 
     torch.set_num_threads(args.threads)
