@@ -39,6 +39,7 @@ import torch
 from safetensors.torch import load_model as load_safetensors
 from safetensors.torch import save_model as save_safetensors
 
+from core.compress.base_model import load_base_model
 from core.compress.causal_distill import (
     StudentTraining,
     student_layers,
@@ -62,7 +63,7 @@ from core.compress.synthetic import (
 )
 from core.data import encode_dataset
 from core.errors import InvalidRequest
-from core.models import load_model, load_snippet, save_model
+from core.models import load_snippet, save_model
 from core.privacy.engine import DPSGDEngine
 from core.recipe_api import JobContext, RecipeResult
 from core.specs import DistillSpec
@@ -88,14 +89,9 @@ def run(ctx: JobContext) -> RecipeResult:
 
     # 1. the DP teacher: DP-SGD on "[code] text" (or reloaded after a restart)
     t0 = time.monotonic()
-    loaded = load_model(
-        spec.model.base, task="causal_lm", tied_weights=spec.model.tied_weights,
-        seed=training.seed, resolve_job_model=ctx.resolve_job_model,
-    )  # fmt: skip
+    loaded = load_base_model(ctx, "causal_lm", phase=TEACHER)
     teacher: Any = loaded.model  # PreTrainedModel (typed Any: HF's stubs are partial)
     tokenizer = loaded.tokenizer
-    for note in loaded.notes:
-        hooks.event(note["kind"], {**note, "phase": TEACHER})
     teacher_layers = len(teacher.get_submodule(encoder_anatomy(teacher).layers))
     evenly_spaced_layers(teacher_layers, comp.student_layers)  # validate before any step
     teacher_metrics = train_dp_teacher(ctx, teacher, tokenizer)

@@ -32,10 +32,11 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from core.compress.base_model import load_base_model
 from core.compress.report import evaluate_on_eval_set, phase_run_metrics
 from core.data import encode_dataset
 from core.errors import InvalidRequest
-from core.models import load_model, load_snippet, save_model
+from core.models import load_snippet, save_model
 from core.models.loading import Task
 from core.privacy.embedding_frequencies import fest_rows
 from core.privacy.engine import DPSGDEngine
@@ -61,18 +62,8 @@ def run(ctx: JobContext) -> RecipeResult:
     torch.manual_seed(training.seed)  # dropout; DP noise and sampling have their own RNGs
 
     # 1. base model + task head (new weights seeded by training.seed)
-    loaded = load_model(
-        spec.model.base,
-        task=task,
-        labels=ctx.train.labels if task == "classification" else None,
-        pooling=spec.model.pooling,
-        tied_weights=spec.model.tied_weights,
-        seed=training.seed,
-        resolve_job_model=ctx.resolve_job_model,
-    )
+    loaded = load_base_model(ctx, task, phase=PHASE)
     model, tokenizer = loaded.model, loaded.tokenizer
-    for note in loaded.notes:
-        hooks.event(note["kind"], {**note, "phase": PHASE})
 
     # 2. private rows → token ids (truncated to max_seq_length)
     uses_token_type_ids = getattr(model.config, "type_vocab_size", 0) > 0

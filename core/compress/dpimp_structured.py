@@ -40,6 +40,7 @@ from typing import cast
 
 import torch
 
+from core.compress.base_model import load_base_model
 from core.compress.pruning import (
     encoder_anatomy,
     encoder_shape,
@@ -51,7 +52,7 @@ from core.compress.pruning import (
 from core.compress.report import compression_report, eval_metrics, evaluate_on_eval_set
 from core.data import encode_dataset
 from core.errors import InvalidRequest
-from core.models import load_model, load_snippet, save_model
+from core.models import load_snippet, save_model
 from core.models.loading import Task
 from core.privacy.engine import DPSGDEngine
 from core.recipe_api import JobContext, RecipeHooks, RecipeResult
@@ -124,15 +125,8 @@ def run(ctx: JobContext) -> RecipeResult:
     torch.manual_seed(training.seed)  # dropout; DP noise and sampling have their own RNGs
 
     # 1. base model + task head; a dense copy is the report's reference
-    loaded = load_model(
-        spec.model.base, task=task,
-        labels=ctx.train.labels if task == "classification" else None,
-        pooling=spec.model.pooling, tied_weights=spec.model.tied_weights, seed=training.seed,
-        resolve_job_model=ctx.resolve_job_model,
-    )  # fmt: skip
+    loaded = load_base_model(ctx, task, phase=PHASE)
     model, tokenizer = loaded.model, loaded.tokenizer
-    for note in loaded.notes:
-        hooks.event(note["kind"], {**note, "phase": PHASE})
     dense_base = copy.deepcopy(model)
 
     # 2. what may be removed, and whether the target is reachable (before any step)

@@ -38,6 +38,7 @@ from typing import cast
 
 import torch
 
+from core.compress.base_model import load_base_model
 from core.compress.pruning import (
     apply_masks,
     global_magnitude_masks,
@@ -55,7 +56,7 @@ from core.compress.report import (
 )
 from core.compress.sparse_format import SPARSE_FILE, sparsify_folder
 from core.data import encode_dataset
-from core.models import load_model, save_model
+from core.models import save_model
 from core.models.loading import Task
 from core.privacy.engine import DPSGDEngine
 from core.recipe_api import JobContext, RecipeHooks, RecipeResult
@@ -164,15 +165,8 @@ def run(ctx: JobContext) -> RecipeResult:
     torch.manual_seed(training.seed)  # dropout; DP noise and sampling have their own RNGs
 
     # 1. base model + task head; a dense copy is the report's reference
-    loaded = load_model(
-        spec.model.base, task=task,
-        labels=ctx.train.labels if task == "classification" else None,
-        pooling=spec.model.pooling, tied_weights=spec.model.tied_weights, seed=training.seed,
-        resolve_job_model=ctx.resolve_job_model,
-    )  # fmt: skip
+    loaded = load_base_model(ctx, task, phase=PHASE)
     model, tokenizer = loaded.model, loaded.tokenizer
-    for note in loaded.notes:
-        hooks.event(note["kind"], {**note, "phase": PHASE})
     dense_base = copy.deepcopy(model)
 
     # 2. private rows → token ids

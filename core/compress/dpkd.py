@@ -36,6 +36,7 @@ from safetensors.torch import load_model as load_safetensors
 from safetensors.torch import save_model as save_safetensors
 from torch import nn
 
+from core.compress.base_model import load_base_model
 from core.compress.causal_distill import BLOCK_SELECTION_TEXTS, student_layers
 from core.compress.distill import evenly_spaced_layers, make_kd_loss
 from core.compress.pruning import encoder_anatomy, shrink_model
@@ -50,11 +51,10 @@ from core.data import encode_dataset
 from core.errors import InvalidRequest
 from core.models import (
     apply_tied_weights_policy,
-    load_model,
     load_snippet,
     save_model,
 )
-from core.models.loading import LoadedModel, Task
+from core.models.loading import Task
 from core.privacy.engine import DPSGDEngine, PhaseResult
 from core.recipe_api import JobContext, RecipeResult
 from core.training.frozen_body import FrozenBodyView, frozen_body_loss, frozen_body_view
@@ -69,7 +69,7 @@ TEACHER_WEIGHTS, TEACHER_DONE = "model.safetensors", "teacher.json"
 
 
 def run(ctx: JobContext) -> RecipeResult:
-    spec, training, comp, hooks = ctx.spec, ctx.spec.training, ctx.spec.compression, ctx.hooks
+    spec, training, comp = ctx.spec, ctx.spec.training, ctx.spec.compression
     task = cast(Task, ctx.train.task)
     phases = {p.name for p in ctx.plan.phases}
     layer_selection = comp.student_layer_selection or "evenly_spaced"
@@ -83,11 +83,9 @@ def run(ctx: JobContext) -> RecipeResult:
     torch.manual_seed(training.seed)  # dropout; DP noise and sampling have their own RNGs
 
     # 1. the DP teacher (trained here, reloaded after a restart, or an earlier DP job's)
-    loaded = _load_base(ctx, task)
+    loaded = load_base_model(ctx, task, phase=TEACHER)
     teacher: Any = loaded.model  # an HF model (mypy: its .to() wrapper is mistyped)
     tokenizer = loaded.tokenizer
-    for note in loaded.notes:
-        hooks.event(note["kind"], {**note, "phase": TEACHER})
     layers = len(cast(nn.ModuleList, teacher.get_submodule(encoder_anatomy(teacher).layers)))
     copied = evenly_spaced_layers(layers, comp.student_layers)  # validates before any step
     uses_token_type_ids = getattr(teacher.config, "type_vocab_size", 0) > 0
@@ -128,7 +126,10 @@ def run(ctx: JobContext) -> RecipeResult:
             teacher, comp.student_layers, selection=layer_selection, synthetic=samples,
             tokenizer=tokenizer, max_seq_length=training.max_seq_length, device=ctx.device,
         )  # fmt: skip
-    source = teacher if comp.student_init == "teacher" else _load_base(ctx, task).model
+    if comp.student_init == "teacher":
+        source = teacher
+    else:  # the pre-trained base again (its load notes are already the teacher's events)
+        source = load_base_model(ctx, task, phase=None).model
     student = shrink_model(source, keep_layers=copied).to(ctx.device)
     for p in student.parameters():  # not the teacher's training flags: a fresh start
         p.requires_grad_(True)
@@ -182,17 +183,6 @@ def run(ctx: JobContext) -> RecipeResult:
         "load": load_snippet(task, loaded.pooling),
     }
     return RecipeResult(metrics=metrics, model_card_extra=card)
-
-
-def _load_base(ctx: JobContext, task: Task) -> LoadedModel:
-    """The base model with its task head (new head weights seeded by training.seed)."""
-    spec = ctx.spec
-    return load_model(
-        spec.model.base, task=task,
-        labels=ctx.train.labels if task == "classification" else None,
-        pooling=spec.model.pooling, tied_weights=spec.model.tied_weights,
-        seed=spec.training.seed, resolve_job_model=ctx.resolve_job_model,
-    )  # fmt: skip
 
 
 def _dp_sgd(
