@@ -11,9 +11,9 @@ on the command line take the ``TrainingSpec`` defaults, so with no flags this me
 what a user who gives only method/dataset/model/ε gets.
 
     HF_HUB_OFFLINE=1 .venv/bin/python -m bench.dp_finetune_quality \
-        [--rows 4096] [--epsilons 8,3] [--no-baseline] [--train-body true|false|bitfit|lora] \
+        [--rows 4096] [--epsilons 8,3] [--no-baseline] [--train-body true|false|bitfit] \
         [--lr 5e-4] [--head-lr 2e-2] [--batch-size 1024] [--epochs 3] [--probe-epochs 12]
-        [--max-grad-norm 1.0] [--embedding-mode frozen|dense] [--lora-rank 8] [--threads 1]
+        [--max-grad-norm 1.0] [--embedding-mode frozen|dense] [--threads 1]
 
 Writes ``bench/results/dp_finetune_quality.json`` (or ``--out``). Reads SST-2 in place
 from ``../shared/data/sst2/{train,dev}.tsv`` (or ``$DPC_SHARED_DATA/sst2/``). DP noise and
@@ -71,9 +71,9 @@ class MemoryHooks:
 
 
 def parse_train_body(text: str) -> bool | str:
-    """``--train-body``: ``bitfit``, ``lora``, or a boolean (true/false/yes/no/1/0)."""
+    """``--train-body``: ``bitfit``, or a boolean (true/false/yes/no/1/0)."""
     text = text.lower()
-    return text if text in ("bitfit", "lora") else text in ("1", "true", "yes")
+    return "bitfit" if text == "bitfit" else text in ("1", "true", "yes")
 
 
 def training_overrides(args) -> dict[str, Any]:
@@ -82,8 +82,7 @@ def training_overrides(args) -> dict[str, Any]:
     for flag, field in (("epochs", "epochs"), ("batch_size", "batch_size"),
                         ("lr", "learning_rate"), ("head_lr", "head_learning_rate"),
                         ("train_body", "train_body"), ("lr_schedule", "lr_schedule"),
-                        ("probe_epochs", "probe_epochs"),
-                        ("lora_rank", "lora_rank")):  # fmt: skip
+                        ("probe_epochs", "probe_epochs")):  # fmt: skip
         value = getattr(args, flag)
         if value is not None:
             out[field] = value
@@ -138,8 +137,6 @@ def run_one(label: str, args, train_rows: list[dict], dev_rows: list[dict]) -> d
         "learning_rate": metrics["learning_rate"],
         "head_learning_rate": metrics["head_learning_rate"],
         "train_body": spec.training.train_body,
-        "lora": metrics["lora"],
-        "trainable_parameters": metrics["trainable_parameters"],
         "epochs": spec.training.epochs,
         "train_seconds": metrics["train_seconds"],
         "samples_per_second": metrics["samples_per_second"],
@@ -160,8 +157,7 @@ def main() -> None:
     parser.add_argument("--lr", type=float, help="body learning rate; default: TrainingSpec")
     parser.add_argument("--head-lr", type=float, help="head learning rate; default: recipe's")
     parser.add_argument("--train-body", type=parse_train_body,
-                        help="true/false/bitfit/lora; default: the recipe's")  # fmt: skip
-    parser.add_argument("--lora-rank", type=int, help="with --train-body lora; default: spec")
+                        help="true/false/bitfit; default: the recipe's")  # fmt: skip
     parser.add_argument("--lr-schedule", choices=["constant", "linear"], default=None)
     parser.add_argument("--probe-epochs", type=float, default=None,
                         help="epochs of the linear-probe phase (0: none); default: the spec's")

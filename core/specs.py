@@ -13,14 +13,11 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 Method = Literal["dp_finetune", "dpkd", "dpimp_structured", "dpimp_unstructured", "distildp"]
 # How much of the pretrained body trains: True (all), "bitfit" (biases and normalisation
-# weights only; Ben Zaken et al. 2022, the DP variant of Yu et al. 2022), "lora" (low-rank
-# adapters on the attention query and value projections, merged at the end; Hu et al. 2022,
-# DP: Yu et al. 2022; core.models.lora) or False (none).
-BodyTraining = bool | Literal["bitfit", "lora"]
+# weights only; Ben Zaken et al. 2022, the DP variant of Yu et al. 2022) or False (none).
+BodyTraining = bool | Literal["bitfit"]
 # BitFit's few parameters need a far larger step than full fine-tuning (MiniLM-L6, SST-2
-# 8,192 rows, ε = 8: 1e-3 → 81.2 % dev accuracy; bench/dp_finetune_quality.py); LoRA's too.
+# 8,192 rows, ε = 8: 1e-3 → 81.2 % dev accuracy; bench/dp_finetune_quality.py).
 BITFIT_LEARNING_RATE = 1e-3
-DEFAULT_LORA_RANK = 8
 # dp_finetune of a classifier trains the head + BitFit (core.training.optim) after a DP linear
 # probe of this many epochs (LP-FT, Kumar et al. 2022): only the fresh head trains, on cached
 # features of the frozen body (cheap), so the fine-tuning phase starts from a useful head.
@@ -114,15 +111,12 @@ class TrainingSpec(_Strict):
     train_body: BodyTraining | None = Field(
         None, description="train the pretrained body with the head: true (all of it), "
         "'bitfit' (only its biases and normalisation weights, ~0.1 % of MiniLM; "
-        f"learning_rate defaults to {BITFIT_LEARNING_RATE} then), 'lora' (dp_finetune only: "
-        "rank-lora_rank adapters on the attention query and value projections, merged into "
-        f"the saved weights; learning_rate defaults to {BITFIT_LEARNING_RATE}) or false "
-        "(only the head, plus the word embedding when embedding.mode is set). Unset: the "
-        "method's default — dp_finetune of a classifier trains 'bitfit' (measured best "
-        "under DP on SST-2 up to 16,384 rows; on all 67,349 rows at batch 4096, true with "
-        "embedding.mode 'frozen' and learning_rate 5e-4 did better: README, "
-        "bench/dp_finetune_quality.py), the other methods' classifiers only the head, "
-        "causal LMs the whole body")
+        f"learning_rate defaults to {BITFIT_LEARNING_RATE} then) or false (only the head, "
+        "plus the word embedding when embedding.mode is set). Unset: the method's default "
+        "— dp_finetune of a classifier trains 'bitfit' (measured best under DP on SST-2 "
+        "up to 16,384 rows; on all 67,349 rows at batch 4096, true with embedding.mode "
+        "'frozen' and learning_rate 5e-4 did better: README, bench/dp_finetune_quality.py), "
+        "the other methods' classifiers only the head, causal LMs the whole body")
     lr_schedule: Literal["constant", "linear"] = Field(
         "constant", description="learning rates over a DP phase's T steps: constant, or "
         "linear decay lr·(1 − (t−1)/T)")
@@ -135,10 +129,6 @@ class TrainingSpec(_Strict):
         "frozen body's features computed once per row (linear probing, then fine-tuning). "
         f"Default {DEFAULT_PROBE_EPOCHS:g}; 0 turns it off. Its ε share is "
         "privacy.phase_split")
-
-    lora_rank: int | None = Field(
-        None, ge=1, le=256, description="rank r of the adapters when train_body='lora' "
-        f"(default {DEFAULT_LORA_RANK}); their update is scaled by α/r = 2")
 
     def body_trained(self, default: BodyTraining = True) -> BodyTraining:
         """``train_body`` if the user set it, else the recipe's ``default``."""
@@ -163,9 +153,8 @@ class TrainingSpec(_Strict):
         return 0.0
 
     def body_learning_rate(self, body: BodyTraining) -> float:
-        """``learning_rate``, or :data:`BITFIT_LEARNING_RATE` for BitFit and LoRA when left
-        unset."""
-        if body in ("bitfit", "lora") and "learning_rate" not in self.model_fields_set:
+        """``learning_rate``, or :data:`BITFIT_LEARNING_RATE` for BitFit when left unset."""
+        if body == "bitfit" and "learning_rate" not in self.model_fields_set:
             return BITFIT_LEARNING_RATE
         return self.learning_rate
 
@@ -253,11 +242,6 @@ class JobSpec(_Strict):
             raise ValueError(f"embedding.mode {self.embedding.mode!r} (row-sparse embedding "
                              f"updates) is available for dp_finetune only, not {self.method}; "
                              "use 'dense' or 'frozen'")
-        if self.training.train_body == "lora" and self.method != "dp_finetune":
-            raise ValueError(f"training.train_body 'lora' (low-rank adapters) is available for "
-                             f"dp_finetune only, not {self.method}; use true, 'bitfit' or false")
-        if self.training.lora_rank is not None and self.training.train_body != "lora":
-            raise ValueError("training.lora_rank applies only with training.train_body='lora'")
         if self.embedding.clip_share not in (None, 1) and self.training.grad_sample_mode != "ghost":
             raise ValueError("embedding.clip_share (group-wise clipping) needs "
                              "training.grad_sample_mode='ghost'")

@@ -9,13 +9,11 @@ The baseline of every method (Mireshghallah et al. 2022; Abadi et al. 2016, Alg.
        features computed once per row; ``training.probe_epochs``, ε share
        ``privacy.phase_split``. A resumed job whose probe finished reloads its head
     3. choose what trains — by default a classifier's head plus the body's biases and
-       norms (BitFit), a causal LM's whole body; with ``train_body: "lora"`` low-rank
-       adapters on the attention query and value projections; the word embedding too
-       when ``embedding.mode`` is set — with per-group learning rates (fresh head ≫ body)
+       norms (BitFit), a causal LM's whole body; the word embedding too when
+       ``embedding.mode`` is set — with per-group learning rates (fresh head ≫ body)
     4. DP-SGD for exactly the planned steps of phase "train" (q, σ, C from the plan);
        with ``embedding.mode`` fest/adafest only selected word-embedding rows are updated
-    5. fold the adapters (if any) into their weights; evaluate on the user's eval
-       dataset, if named (non-private evaluation)
+    5. evaluate on the user's eval dataset, if named (non-private evaluation)
     6. save an HF folder + tokenizer into ``ctx.output_dir``
 
 Privacy: only steps 2b and 4 read private rows, each through its engine, which reports
@@ -40,19 +38,18 @@ from core.data import encode_dataset
 from core.errors import InvalidRequest
 from core.models import load_snippet, save_model
 from core.models.loading import Task
-from core.models.lora import add_lora, merge_lora
 from core.privacy.embedding_frequencies import fest_rows
 from core.privacy.engine import DPSGDEngine
 from core.privacy.planner import plan_embedding_noise
 from core.privacy.sparse_embedding import SparseEmbeddingUpdate
 from core.recipe_api import JobContext, RecipeResult
-from core.specs import DEFAULT_LORA_RANK, FINETUNE_CLASSIFIER_BODY, EmbeddingSpec
+from core.specs import FINETUNE_CLASSIFIER_BODY, EmbeddingSpec
 from core.training.frozen_body import body_is_frozen, frozen_body_loss
 from core.training.losses import (
     causal_lm_loss_per_example,
     classification_loss_per_example,
 )
-from core.training.optim import body_training, dp_optimizer, engine_config
+from core.training.optim import dp_optimizer, engine_config
 
 PHASE, PROBE = "train", "probe"
 PROBE_HEAD, PROBE_DONE = "head.safetensors", "probe.json"  # in ctx.work_dir / "probe"
@@ -80,12 +77,6 @@ def run(ctx: JobContext) -> RecipeResult:
     probe_metrics = _linear_probe(ctx, model, train_rows) if has_probe else None
 
     # 3. what trains (core.training.optim), per-group lr: body vs freshly initialised head
-    lora_rank = training.lora_rank or DEFAULT_LORA_RANK
-    lora_layers = (
-        add_lora(model, lora_rank)
-        if body_training(spec, task=task, classifier_body=FINETUNE_CLASSIFIER_BODY) == "lora"
-        else 0
-    )  # after the probe, which caches the unadapted body's features (B = 0: the same)
     opt = dp_optimizer(model, spec, task=task, classifier_body=FINETUNE_CLASSIFIER_BODY)
 
     # 3b. embedding.mode fest / adafest: row-sparse embedding updates (accounted at σ)
@@ -110,7 +101,6 @@ def run(ctx: JobContext) -> RecipeResult:
     )
     result = engine.run()
     model.eval()
-    merge_lora(model)
 
     # 5. evaluation on the user's separate eval dataset (non-private, flagged)
     eval_metrics = evaluate_on_eval_set(ctx, model, tokenizer)
@@ -137,7 +127,6 @@ def run(ctx: JobContext) -> RecipeResult:
         "frozen_body_features_cached": body_is_frozen(model),
         "pooling": loaded.pooling,
         "trainable_parameters": opt.trainable_parameters,
-        "lora": {"rank": lora_rank, "layers": lora_layers} if lora_layers else None,
         "non_private_metrics": ["train_loss", "samples_seen", "probe.train_loss",
                                 "probe.samples_seen"],
         "embedding_mode": (  # fest/adafest on a frozen (tied) embedding run as "frozen"

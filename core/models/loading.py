@@ -30,7 +30,6 @@ from transformers import (
 )
 
 from core.errors import InvalidRequest, ModelUnavailable
-from core.models.lora import is_lora_parameter
 from core.models.mean_pooling import BertMeanPoolConfig, BertMeanPoolForSequenceClassification
 from core.models.registry import ModelSource, resolve_source
 
@@ -192,7 +191,7 @@ def apply_tied_weights_policy(model: PreTrainedModel, policy: TiedPolicy) -> dic
 def split_trainable(
     model: PreTrainedModel,
     *,
-    train_body: bool | Literal["bitfit", "lora"] = True,
+    train_body: bool | Literal["bitfit"] = True,
     train_embeddings: bool | None = None,
 ) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
     """Set ``requires_grad`` and return (body params, head params) for per-group lr.
@@ -202,8 +201,7 @@ def split_trainable(
 
     Args:
         train_body: True trains the whole body; "bitfit" only its biases and normalisation
-            weights (:func:`is_bitfit_parameter`); "lora" only the adapters that
-            :func:`core.models.lora.add_lora` added; False freezes everything but the head
+            weights (:func:`is_bitfit_parameter`); False freezes everything but the head
             (and the word embedding when ``train_embeddings`` is True).
         train_embeddings: whether the input token embedding matrix is trained
             (:meth:`core.specs.EmbeddingSpec.trained`); None: like the body.
@@ -218,16 +216,12 @@ def split_trainable(
             trained = train_embeddings
         elif train_body == "bitfit":
             trained = is_bitfit_parameter(name)
-        elif train_body == "lora":
-            trained = is_lora_parameter(name)
         else:
             trained = bool(train_body)
         if not trained:  # never re-enables a weight frozen at load (a tied embedding)
             p.requires_grad_(False)
         if p.requires_grad:
             body.append(p)
-    if train_body == "lora" and not any(is_lora_parameter(n) for n, _ in model.named_parameters()):
-        raise ValueError("train_body='lora' needs adapters: call core.models.lora.add_lora first")
     if not body and not head:
         raise InvalidRequest(
             "nothing to train: training.train_body=false keeps only a task head, and this "
